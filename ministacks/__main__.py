@@ -1,0 +1,105 @@
+"""Command line: `python -m ministacks <command> ...` (also installed as `ministacks`).
+
+    demo       every stage that exists, on the embedded default data, then report.md
+    pretrain   pretrain the base model from random initialisation (resumes if DIR has a checkpoint)
+    data       build the domain corpora (cached) and print their sizes
+    bench      speed measurements: `bench pretrain`
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .presets import PRESETS, get_preset
+
+
+def _add_common(p: argparse.ArgumentParser, default_out: str | None) -> None:
+    p.add_argument("--preset", default="quick", choices=list(PRESETS), help="size of the run (default: quick)")
+    if default_out is not None:
+        p.add_argument("--out", default=default_out, help=f"run folder (default: {default_out}); resumes if it holds a run")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def cmd_demo(args) -> int:
+    from .pipeline import stage_pretrain
+    from .report import data_section, pretrain_section, write_report
+
+    preset, out = get_preset(args.preset), Path(args.out)
+    t0 = time.time()
+    summary = stage_pretrain(preset, out, progress=not args.no_progress)
+    sections = [
+        f"Preset `{preset.name}`; run folder `{out}`; {time.time() - t0:.0f} s for this invocation.\n",
+        data_section(summary["data"]),
+        pretrain_section(summary),
+    ]
+    path = write_report(out, sections, title="ministacks demo report")
+    print(f"\nvalidation loss {summary['val_loss']:.3f} (unigram entropy {summary['unigram_entropy']:.3f})")
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from .pipeline import stage_pretrain
+
+    s = stage_pretrain(get_preset(args.preset), args.out, progress=not args.no_progress)
+    print(f"validation loss {s['val_loss']:.3f} nats/token (unigram entropy {s['unigram_entropy']:.3f}), "
+          f"{s['tokens_per_second']:,.0f} tokens/s, {s['params']:,} params")
+    print(f"wrote {Path(args.out) / 'pretrain.json'} and {Path(args.out) / 'pretrain_loss.png'}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .pipeline import stage_data
+
+    print(json.dumps(stage_data(get_preset(args.preset), progress=not args.no_progress), indent=2))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench_pretrain, format_bench
+
+    if args.what == "pretrain":
+        result = bench_pretrain()
+        print(json.dumps(result) if args.json else format_bench(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ministacks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="run every stage on the default data and write report.md")
+    _add_common(p, "runs/demo")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("pretrain", help="pretrain the base model from random initialisation")
+    _add_common(p, "runs/pretrain")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("data", help="build the domain corpora and print their sizes")
+    _add_common(p, None)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("bench", help="speed measurements")
+    p.add_argument("what", choices=["pretrain"], help="pretrain: training tokens/s and model-FLOPs utilisation")
+    p.add_argument("--json", action="store_true", help="one machine-readable JSON line")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # errors a user can cause: say what and how to fix it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

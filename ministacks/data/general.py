@@ -1,0 +1,71 @@
+"""The general (pretraining) corpus and `build_all`, which builds every cached corpus at once.
+
+ministacks pretrains its own small base model, and a base model must not have seen the questions it
+is later evaluated on. So the general corpus is made of the *train* examples of every domain only,
+as raw text without the Alpaca template (the base learns language; the template is learned during
+SFT). A train example whose normalised prompt is a val/test prompt of *any* domain is left out too,
+so even a cross-domain coincidence cannot leak an evaluation question into pretraining.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ministacks.io import atomic_write_json, read_json
+
+from .example import DOMAINS, DataConfig, Example, derived_rng
+from .splits import domain_stats, ensure_domain, load_domain_splits, read_jsonl, recipe_dir, write_jsonl
+
+
+def raw_text(example: Example) -> str:
+    """An example as a plain document: its parts in natural reading order, one per line.
+
+    Chat puts the previous turn (its `input`) first, because that is the order it was said in.
+    """
+    parts = (example.input, example.instruction, example.response) if example.domain == "chat" else (
+        example.instruction, example.input, example.response)
+    return "\n".join(p for p in parts if p)
+
+
+def _build_general(cfg: DataConfig, cache: Path | None) -> None:
+    splits = {domain: load_domain_splits(domain, cfg, cache) for domain in DOMAINS}
+    held_out = {ex.key() for by_split in splits.values() for s in ("val", "test") for ex in by_split[s]}
+    docs = [raw_text(ex) for by_split in splits.values() for ex in by_split["train"] if ex.key() not in held_out]
+    # shuffled so that a pretraining run cut short still sees every domain
+    derived_rng(cfg.seed, "general").shuffle(docs)
+    folder = recipe_dir(cfg, cache)
+    write_jsonl(folder / "general.jsonl", [{"text": d} for d in docs])
+    atomic_write_json(folder / "general.json", {"docs": len(docs), "chars": sum(map(len, docs))})  # written last
+
+
+def general_corpus(cfg: DataConfig = DataConfig(), cache: Path | None = None) -> list[str]:
+    """Pretraining documents (raw text, no template) from the train splits of all domains, shuffled."""
+    folder = recipe_dir(cfg, cache)
+    if not (folder / "general.json").exists():
+        _build_general(cfg, cache)
+    return [row["text"] for row in read_jsonl(folder / "general.jsonl")]
+
+
+def build_all(cfg: DataConfig = DataConfig(), cache: Path | None = None, progress: bool = True) -> dict:
+    """Build (or find cached) all five domains and the general corpus; return their sizes.
+
+    {domain: {"train": n, "val": n, "test": n, "chars": n, ...}, "general": {"docs": n, "chars": n}, "cache": str}
+    `chars` counts the rendered text() of every example of the domain, all splits.
+    """
+    from tqdm.auto import tqdm
+
+    stats: dict = {}
+    bar = tqdm(list(DOMAINS) + ["general"], desc="data", disable=not progress)
+    for name in bar:
+        bar.set_postfix_str(name)
+        start = time.perf_counter()
+        if name == "general":
+            general_corpus(cfg, cache)
+            stats["general"] = read_json(recipe_dir(cfg, cache) / "general.json")
+        else:
+            ensure_domain(name, cfg, cache)
+            stats[name] = domain_stats(name, cfg, cache)
+        stats[name]["seconds"] = round(time.perf_counter() - start, 2)  # ~0 on a cache hit
+    stats["cache"] = str(recipe_dir(cfg, cache))
+    return stats

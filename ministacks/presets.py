@@ -1,0 +1,69 @@
+"""The three presets, in one place: plain dataclass values, nothing hidden elsewhere.
+
+- `smoke`: seconds. A toy model on a few hundred examples per domain; what the tests and the
+  notebooks (under CI) run. Numbers from it mean nothing except "the pipeline works".
+- `quick`: the demo. The default 4-layer, d=256 model at vocabulary 4096 (the CPU sweet spot,
+  offline-resources "CPU speed"), a few minutes of pretraining on 2 cores.
+- `paper`: the closest mini replica of the paper we can afford on a laptop (~1 hour for the whole
+  pipeline): a deeper, wider base, more data and more steps.
+
+Later stages (stack training, routing, ...) add their own config to `Preset`, always here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from .data import DataConfig
+from .model import ModelConfig
+from .pretrain import PretrainConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    data: DataConfig  # which examples, how many, how split
+    vocab_size: int  # BPE vocabulary asked of the tokenizer trainer (the model takes the trained size)
+    model: ModelConfig  # the base transformer (vocab_size is overwritten by the tokenizer's)
+    pretrain: PretrainConfig  # pretraining from random init
+
+
+SMOKE = Preset(
+    name="smoke",
+    data=DataConfig(max_examples=150, n_val=20, n_test=20),
+    vocab_size=512,
+    model=ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=2, max_seq_len=64),
+    pretrain=PretrainConfig(
+        steps=100, batch_size=16, seq_len=64, lr=6e-3, warmup_steps=10, eval_every=25, eval_batches=2,
+        ckpt_every=25, samples_per_domain=1, sample_tokens=16,
+    ),
+)
+
+QUICK = Preset(
+    name="quick",
+    data=DataConfig(),  # 3,000 examples per domain, 200 val / 200 test
+    vocab_size=4096,
+    model=ModelConfig(n_layer=4, d_model=256, n_head=4, n_kv_head=2, max_seq_len=256),
+    pretrain=PretrainConfig(steps=200, eval_every=25, ckpt_every=25),
+)
+
+PAPER = Preset(
+    name="paper",
+    data=DataConfig(max_examples=6000),
+    vocab_size=4096,
+    model=ModelConfig(n_layer=6, d_model=384, n_head=6, n_kv_head=2, max_seq_len=256),
+    pretrain=PretrainConfig(steps=600, lr=1.5e-3, warmup_steps=40, eval_every=50, ckpt_every=50),
+)
+
+PRESETS = {p.name: p for p in (SMOKE, QUICK, PAPER)}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def with_vocab(preset: Preset, vocab_size: int) -> Preset:
+    """The preset with the model's vocabulary set to the trained tokenizer's size."""
+    return replace(preset, model=replace(preset.model, vocab_size=vocab_size))
