@@ -2,8 +2,10 @@
 
     demo       every stage that exists, on the embedded default data, then report.md
     pretrain   pretrain the base model from random initialisation (resumes if DIR has a checkpoint)
+    compare    Experiment 1: MoE-LoRA vs the parameter-matched single LoRA on chat
+    boost      residual boosting rounds on chat until the stop rule
     data       build the domain corpora (cached) and print their sizes
-    bench      speed measurements: `bench pretrain`
+    bench      speed measurements: `bench pretrain`, `bench moe`, `bench nf4`
 """
 
 from __future__ import annotations
@@ -25,16 +27,21 @@ def _add_common(p: argparse.ArgumentParser, default_out: str | None) -> None:
 
 
 def cmd_demo(args) -> int:
+    from .experiments import run_boost, run_compare
     from .pipeline import stage_pretrain
-    from .report import data_section, pretrain_section, write_report
+    from .report import boost_section, compare_section, data_section, pretrain_section, write_report
 
-    preset, out = get_preset(args.preset), Path(args.out)
+    preset, out, progress = get_preset(args.preset), Path(args.out), not args.no_progress
     t0 = time.time()
-    summary = stage_pretrain(preset, out, progress=not args.no_progress)
+    summary = stage_pretrain(preset, out, progress=progress)
+    compare = run_compare(preset, out, progress=progress)
+    boost = run_boost(preset, out, progress=progress)
     sections = [
         f"Preset `{preset.name}`; run folder `{out}`; {time.time() - t0:.0f} s for this invocation.\n",
         data_section(summary["data"]),
         pretrain_section(summary),
+        compare_section(compare),
+        boost_section(boost),
     ]
     path = write_report(out, sections, title="ministacks demo report")
     print(f"\nvalidation loss {summary['val_loss']:.3f} (unigram entropy {summary['unigram_entropy']:.3f})")
@@ -52,6 +59,25 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .experiments import run_compare
+
+    c = run_compare(get_preset(args.preset), args.out, progress=not args.no_progress)
+    print(f"final validation loss: MoE-LoRA {c['moe']['final']:.4f}, LoRA {c['lora']['final']:.4f}; "
+          f"MoE/LoRA step time {c['speed_ratio_moe_over_lora']:.2f}x")
+    print(f"wrote {Path(args.out) / 'compare.json'} and {Path(args.out) / 'compare.png'}")
+    return 0
+
+
+def cmd_boost(args) -> int:
+    from .experiments import run_boost
+
+    b = run_boost(get_preset(args.preset), args.out, progress=not args.no_progress)
+    print("best validation loss per round: " + ", ".join(f"{v:.4f}" for v in b["best"]))
+    print(f"wrote {Path(args.out) / 'boost.json'} and {Path(args.out) / 'boost.png'}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from .pipeline import stage_data
 
@@ -63,8 +89,16 @@ def cmd_bench(args) -> int:
     from .bench import bench_pretrain, format_bench
 
     if args.what == "pretrain":
-        result = bench_pretrain()
-        print(json.dumps(result) if args.json else format_bench(result))
+        result, text = bench_pretrain(), format_bench
+    elif args.what == "moe":
+        from .bench_moe import bench_moe, format_bench_moe
+
+        result, text = bench_moe(), format_bench_moe
+    else:
+        from .quant import bench_nf4, format_bench_nf4
+
+        result, text = bench_nf4(), format_bench_nf4
+    print(json.dumps(result) if args.json else text(result))
     return 0
 
 
@@ -81,12 +115,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, "runs/pretrain")
     p.set_defaults(func=cmd_pretrain)
 
+    p = sub.add_parser("compare", help="Experiment 1: MoE-LoRA vs the parameter-matched single LoRA")
+    _add_common(p, "runs/demo")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("boost", help="residual boosting rounds on chat")
+    _add_common(p, "runs/demo")
+    p.set_defaults(func=cmd_boost)
+
     p = sub.add_parser("data", help="build the domain corpora and print their sizes")
     _add_common(p, None)
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("bench", help="speed measurements")
-    p.add_argument("what", choices=["pretrain"], help="pretrain: training tokens/s and model-FLOPs utilisation")
+    p.add_argument("what", choices=["pretrain", "moe", "nf4"],
+                   help="pretrain: training tokens/s and model-FLOPs utilisation; moe: MoE-LoRA vs LoRA vs the "
+                        "released code's dense form; nf4: 4-bit vs fp32 base")
     p.add_argument("--json", action="store_true", help="one machine-readable JSON line")
     p.set_defaults(func=cmd_bench)
     return parser

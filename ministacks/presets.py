@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 from .data import DataConfig
 from .model import ModelConfig
 from .pretrain import PretrainConfig
+from .stacks import AdapterConfig
+from .train import BoostConfig, StackTrainConfig
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,10 @@ class Preset:
     vocab_size: int  # BPE vocabulary asked of the tokenizer trainer (the model takes the trained size)
     model: ModelConfig  # the base transformer (vocab_size is overwritten by the tokenizer's)
     pretrain: PretrainConfig  # pretraining from random init
+    stack: StackTrainConfig  # one round of stack training (every experiment uses this loop)
+    adapter: AdapterConfig = AdapterConfig()  # MoE-LoRA shape: the paper's 4 experts x rank 16, top-2
+    boost: BoostConfig = BoostConfig()  # residual boosting rounds and stop rule
+    quant: str = "none"  # base precision under the stacks: "none" (fp32) or "nf4" (the paper's 4-bit)
 
 
 SMOKE = Preset(
@@ -37,6 +43,9 @@ SMOKE = Preset(
         steps=100, batch_size=16, seq_len=64, lr=6e-3, warmup_steps=10, eval_every=25, eval_batches=2,
         ckpt_every=25, samples_per_domain=1, sample_tokens=16,
     ),
+    stack=StackTrainConfig(steps=12, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=3, eval_every=4,
+                           max_val_examples=20),
+    boost=BoostConfig(max_rounds=2),
 )
 
 QUICK = Preset(
@@ -45,6 +54,7 @@ QUICK = Preset(
     vocab_size=4096,
     model=ModelConfig(n_layer=4, d_model=256, n_head=4, n_kv_head=2, max_seq_len=256),
     pretrain=PretrainConfig(steps=200, eval_every=25, ckpt_every=25),
+    stack=StackTrainConfig(steps=60, batch_size=8, lr=1e-3, warmup_steps=10, eval_every=10, max_val_examples=100),
 )
 
 PAPER = Preset(
@@ -53,6 +63,7 @@ PAPER = Preset(
     vocab_size=4096,
     model=ModelConfig(n_layer=6, d_model=384, n_head=6, n_kv_head=2, max_seq_len=256),
     pretrain=PretrainConfig(steps=600, lr=1.5e-3, warmup_steps=40, eval_every=50, ckpt_every=50),
+    stack=StackTrainConfig(steps=200, batch_size=16, lr=1e-3, warmup_steps=40, eval_every=25),
 )
 
 PRESETS = {p.name: p for p in (SMOKE, QUICK, PAPER)}

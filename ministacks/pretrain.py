@@ -72,13 +72,18 @@ def token_stream(tok: Tokenizer, docs: Sequence[str]) -> torch.Tensor:
     return torch.tensor([t for seq in ids for t in seq], dtype=torch.long)
 
 
-def get_batch(stream: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
-    """Random windows [batch_size, seq_len] — a pure function of (seed, step), which makes resume exact."""
-    if len(stream) <= seq_len:
-        raise ValueError(f"token stream of {len(stream)} tokens is shorter than seq_len={seq_len}")
+def window_starts(n_tokens: int, step: int, batch_size: int, seq_len: int, seed: int) -> list[int]:
+    """Start offsets of the random windows of step `step`: a pure function of (seed, step), which makes
+    resume exact and gives every run compared on the same data the same data order."""
+    if n_tokens <= seq_len:
+        raise ValueError(f"token stream of {n_tokens} tokens is shorter than seq_len={seq_len}")
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, len(stream) - seq_len, (batch_size,), generator=g)
-    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
+    return torch.randint(0, n_tokens - seq_len, (batch_size,), generator=g).tolist()
+
+
+def get_batch(stream: torch.Tensor, step: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Random windows [batch_size, seq_len] of a packed token stream."""
+    return torch.stack([stream[s : s + seq_len] for s in window_starts(len(stream), step, batch_size, seq_len, seed)])
 
 
 def val_windows(stream: torch.Tensor, n: int, seq_len: int) -> torch.Tensor:

@@ -1,0 +1,186 @@
+"""Is MoE-LoRA as fast to train as the single LoRA it is parameter-matched with?
+
+The paper (Exp. 1) trained MoE-LoRA (4 experts x rank 16) 2.1x slower per step than a single rank-64
+LoRA (20.2 vs 9.5 min), although the two do the same matmul FLOPs: every expert's A_i x for every token
+is a [T, d_in] @ [d_in, 4*16] product either way. The difference is in *how* the experts are combined:
+
+    naive (the released code)                        fast (ministacks.moe_lora)
+    h   = einsum('tf,erf->ter', x, A)  [T, E, R]     h = x @ [A_1; ..; A_E]^T            [T, E*R]
+    all = einsum('ter,eor->teo', h, B) [T, E, O] !   h = h * (s * gates, repeated R times)
+    Δ   = sum_e gates[:, e] * all[:, e]  [T, O]      Δ = h @ [B_1 | .. | B_E]^T           [T, O]
+
+The naive form materialises every expert's full d_out-wide output, an E-times-larger-than-the-layer
+tensor, and its einsum over (t, e) does E separate thin matmuls; the fast form is exactly a rank-64 LoRA
+plus an elementwise multiply of the [T, 64] intermediate.
+
+`bench_moe` times one training step of the same frozen model on the same batch, four ways:
+  base   the frozen model alone. It has nothing to train, so the step is forward + backward with the
+         embedding output marked as requiring grad: the backward pass through every frozen layer that
+         each adapter variant must also pay (input gradients, no weight gradients), and no optimizer.
+  lora   + a rank-64 LoRA on all 7 projections of every layer      (forward + backward + AdamW)
+  moe    + MoE-LoRA, 4 experts x rank 16, noisy top-2, loss + 0.01 * sum of aux losses
+  naive  + the same MoE-LoRA (same routing, same aux loss) combining experts the released code's way
+The variants run interleaved (base, lora, moe, naive, base, ...) so that another process taking the
+cores slows all of them alike, and the medians are reported with the ratios moe/lora, naive/lora and
+lora/base.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+
+import torch
+import torch.nn as nn
+
+from .bench import keep_freed_memory
+from .lora import AdapterOutput, LoRA
+from .model import ModelConfig, Transformer
+from .moe_lora import MoELoRA, load_balance_loss, route
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+AUX_LOSS_WEIGHT = 0.01  # λ of the paper's total loss, task + λ · Σ L_aux (paper §1)
+VARIANTS = ("base", "lora", "moe", "naive")
+
+
+class NaiveMoELoRA(MoELoRA):
+    """The released code's form of MoE-LoRA, kept for the benchmark and as a second parity reference.
+
+    Routing and the aux loss are those of `MoELoRA` (so only the expert combination differs); the
+    experts are evaluated all at once with two einsums and a [T, E, d_out] intermediate."""
+
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> AdapterOutput:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.d_in)  # [T, F]
+        logits = self.noisy_logits(self.router(x), self.noise(x), noise)
+        gates, dispatch, probs = route(logits, self.routing, self.top_k, self.top_p)
+        aux = load_balance_loss(probs, dispatch, detach=self.detach_aux)
+        # T tokens, F d_in, E experts, R rank, O d_out
+        h = torch.einsum("tf,erf->ter", x, self.lora_A)  # [T, F] x [E, R, F] -> [T, E, R]
+        every = torch.einsum("ter,eor->teo", h, self.lora_B) * self.scaling  # -> [T, E, O], all experts
+        delta = (gates.unsqueeze(-1) * every).sum(dim=1)  # [T, E, 1] * [T, E, O] -> [T, O]
+        return AdapterOutput(delta.view(*lead, self.d_out), aux)
+
+
+class Adapted(nn.Module):
+    """y = base_layer(x) + adapter(x).delta, appending the adapter's aux loss to a shared list.
+
+    A minimal stand-in for the real wrapper (`stacks.py`), enough for timing."""
+
+    def __init__(self, base_layer: nn.Linear, adapter: nn.Module, aux_sink: list):
+        super().__init__()
+        self.base_layer, self.adapter, self.aux_sink = base_layer, adapter, aux_sink
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.adapter(x)
+        self.aux_sink.append(out.aux_loss)
+        return self.base_layer(x) + out.delta
+
+
+def attach_adapters(model: Transformer, make_adapter, aux_sink: list) -> None:
+    """Replace each target projection p of every layer by Adapted(p, make_adapter(d_in, d_out))."""
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in TARGET_MODULES:
+                base = getattr(parent, name, None)
+                if base is not None:
+                    setattr(parent, name, Adapted(base, make_adapter(base.in_features, base.out_features), aux_sink))
+
+
+def _variant(kind: str, base: Transformer, n_experts: int, r: int, top_k: int):
+    """(model, optimizer or None, aux list) for one variant, on a copy of the same frozen base."""
+    model, aux = copy.deepcopy(base), []
+    make = {
+        "base": None,
+        "lora": lambda i, o: LoRA(i, o, r=n_experts * r),
+        "moe": lambda i, o: MoELoRA(i, o, n_experts=n_experts, r=r, top_k=top_k),
+        "naive": lambda i, o: NaiveMoELoRA(i, o, n_experts=n_experts, r=r, top_k=top_k),
+    }[kind]
+    if make is None:
+        # nothing trainable: let the backward pass start from the embeddings instead
+        model.embed_tokens.register_forward_hook(lambda mod, inp, out: out.requires_grad_())
+        return model.train(), None, aux
+    attach_adapters(model, make, aux)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # fused AdamW over the adapter parameters only (the base is frozen), as in training
+    return model.train(), torch.optim.AdamW(params, lr=2e-4, fused=True), aux
+
+
+def _step(model: Transformer, opt, aux: list, x: torch.Tensor) -> float:
+    """One training step; returns its wall-clock seconds."""
+    t0 = time.perf_counter()
+    aux.clear()
+    loss = model(x, labels=x).loss
+    if aux:
+        loss = loss + AUX_LOSS_WEIGHT * torch.stack(aux).sum()
+    loss.backward()
+    if opt is not None:
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def bench_moe(cfg: ModelConfig | None = None, batch_size: int = 16, seq_len: int = 256, steps: int = 8,
+              warmup: int = 2, seed: int = 0, n_experts: int = 4, r: int = 16, top_k: int = 2,
+              time_budget_s: float = 75.0) -> dict:
+    """Median seconds per training step of base / lora / moe / naive on one frozen model and batch.
+
+    `steps` interleaved rounds are timed after `warmup` untimed ones; after `time_budget_s` seconds
+    the timing stops early (keeping at least 3 rounds). Returns a dict with `seconds` per variant,
+    the ratios `moe/lora`, `naive/lora`, `lora/base`, and the settings."""
+    keep_freed_memory()
+    cfg = cfg or ModelConfig()
+    if seq_len > cfg.max_seq_len:
+        cfg = dataclasses.replace(cfg, max_seq_len=seq_len)
+    torch.manual_seed(seed)
+    base = Transformer(cfg).requires_grad_(False)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+    variants = {k: _variant(k, base, n_experts, r, top_k) for k in VARIANTS}
+    trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _, _) in variants.items()}
+
+    times = {k: [] for k in VARIANTS}
+    start = time.perf_counter()
+    for i in range(warmup + steps):
+        for k in VARIANTS:  # interleaved: base, lora, moe, naive, base, ...
+            t = _step(*variants[k], x)
+            if i >= warmup:
+                times[k].append(t)
+        if i - warmup + 1 >= 3 and time.perf_counter() - start > time_budget_s:
+            break
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return dict(
+        seconds=med,
+        ratios={"moe/lora": med["moe"] / med["lora"], "naive/lora": med["naive"] / med["lora"],
+                "lora/base": med["lora"] / med["base"]},
+        trainable_params=trainable,
+        rounds=len(times["base"]),
+        batch_size=batch_size, seq_len=seq_len, n_experts=n_experts, r=r, top_k=top_k,
+        threads=torch.get_num_threads(), config=cfg.to_dict(),
+    )
+
+
+def format_bench_moe(d: dict) -> str:
+    c, s, q = d["config"], d["seconds"], d["ratios"]
+    tok = d["batch_size"] * d["seq_len"]
+    lines = [
+        "MoE-LoRA vs parameter-matched LoRA: one training step (fp32, frozen base, forward + backward + AdamW)",
+        f"  model     {c['n_layer']} layers, d_model {c['d_model']}, vocab {c['vocab_size']}; "
+        f"adapters on all 7 projections",
+        f"  batch     {d['batch_size']} x {d['seq_len']} tokens, {d['rounds']} interleaved rounds, "
+        f"{d['threads']} threads, medians",
+    ]
+    names = {"base": "frozen base (fwd + bwd to the embeddings)",
+             "lora": f"+ LoRA r={d['n_experts'] * d['r']}",
+             "moe": f"+ MoE-LoRA {d['n_experts']}x r{d['r']} top-{d['top_k']} (fast)",
+             "naive": f"+ MoE-LoRA {d['n_experts']}x r{d['r']} top-{d['top_k']} (released-code einsums)"}
+    for k in VARIANTS:
+        lines.append(f"  {names[k]:<58} {s[k] * 1e3:7.0f} ms/step  {tok / s[k]:8,.0f} tok/s  "
+                     f"{d['trainable_params'][k] / 1e6:5.2f}M trainable")
+    lines.append(f"  ratios    moe/lora {q['moe/lora']:.2f}   naive/lora {q['naive/lora']:.2f}   "
+                 f"lora/base {q['lora/base']:.2f}   (paper, released code on GPU: moe/lora 2.1)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(format_bench_moe(bench_moe()))

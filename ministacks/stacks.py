@@ -1,0 +1,295 @@
+"""The stacked layer: a frozen base projection plus frozen adapter stacks plus one active stack.
+
+Brainstacks §0/§2. Every wrapped projection (q, k, v, o, gate, up, down of every layer) computes
+
+        y = base(x)  +  Σ_domains w_d · Σ_{stacks j of d} Δ_j(x)  +  Δ_active(x)
+
+            x ──► base_layer (frozen, fp32 or 4-bit) ─────────────────────┐
+            │                                                             ▼
+            ├──► frozen stacks of "chat"  (no grad, eval mode) ── × w_chat ──► (+) ──► y
+            ├──► frozen stacks of "code"  ...                 ── × w_code ──►  ▲
+            └──► active stack (the one being trained) ─────────────────────────┘
+
+A *stack* is one adapter (MoE-LoRA, or a single LoRA for the baseline) in every wrapped projection.
+The functions below act on all StackedLinear modules of a model at once, so "add a stack", "freeze
+it", "route to these domains" are one call each, on our model and on a Hugging Face one alike.
+
+- Adding a stack changes nothing: its B matrices start at zero, so Δ = 0 exactly.
+- Freezing sets requires_grad=False *and* eval mode (no routing noise). The released code leaves
+  frozen stacks in train mode, so they keep routing noisily while later stacks train;
+  `freeze_active(..., keep_train_mode=True)` reproduces that.
+- Weights: None = ungated (every domain at 1). A dict gives per-domain weights; a domain at or
+  below `SKIP_THRESHOLD` (0.12, spec §6) is skipped entirely — no compute at all.
+- Inference over many frozen stacks runs as one fused pass (see `FusedStacks`), checked against the
+  stack-by-stack loop in the tests.
+
+Why the aux loss is stashed on the layer: the wrapped model calls `proj(x)` and expects a tensor back,
+so the adapter's explicit `AdapterOutput.aux_loss` cannot travel up through an unmodified model
+(ours or Hugging Face's). Each StackedLinear keeps the last one; `aux_loss(model)` sums them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .lora import LoRA
+from .moe_lora import MoELoRA, route
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    n_experts: int = 4  # paper: 4 LoRA experts per projection
+    r: int = 16  # rank of each expert (paper: 16)
+    top_k: int = 2  # experts per token (paper: noisy top-2)
+    lora_alpha: float = 16.0  # scale s = alpha / sqrt(r) = 4 with rsLoRA (paper)
+    use_rslora: bool = True
+    routing: str = "top_k"  # "top_k" (paper), "dense" or "top_p" (beyond the paper)
+    top_p: float = 0.75  # for routing="top_p"
+    detach_aux: bool = False  # True reproduces the released code's aux loss, which has no gradient
+    lora_r: int = 64  # the parameter-matched single LoRA baseline: rank n_experts * r (paper: 64)
+
+
+def make_adapter(kind: str, cfg: AdapterConfig = AdapterConfig()) -> Callable[[int, int], nn.Module]:
+    """A factory `(d_in, d_out) -> adapter` for `add_stack`: kind "moe" (MoE-LoRA) or "lora" (single LoRA)."""
+    if kind == "moe":
+        return lambda d_in, d_out: MoELoRA(d_in, d_out, n_experts=cfg.n_experts, r=cfg.r, top_k=cfg.top_k,
+                                           lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora,
+                                           routing=cfg.routing, top_p=cfg.top_p, detach_aux=cfg.detach_aux)
+    if kind == "lora":
+        return lambda d_in, d_out: LoRA(d_in, d_out, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, use_rslora=cfg.use_rslora)
+    raise ValueError(f"unknown adapter kind {kind!r}: use 'moe' or 'lora'")
+
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SKIP_THRESHOLD = 0.12  # a domain whose weight is at or below this costs nothing (spec §6 inference rule)
+
+
+def _in_out(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) of nn.Linear, our NF4Linear and bitsandbytes' Linear4bit alike."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    raise TypeError(f"cannot tell the input/output sizes of {type(module).__name__}: it needs in_features/out_features")
+
+
+class StackedLinear(nn.Module):
+    """base(x) + weighted frozen stacks + active stack, for one projection."""
+
+    def __init__(self, base_layer: nn.Module):
+        super().__init__()
+        self.base_layer = base_layer
+        self.in_features, self.out_features = _in_out(base_layer)
+        for p in self.base_layer.parameters():
+            p.requires_grad_(False)
+        self.stacks = nn.ModuleDict()  # domain -> ModuleList of frozen adapters, in training order
+        self.active: nn.Module | None = None
+        self.domain_weights: dict[str, float] | None = None  # None = ungated
+        self.base_only = False
+        self.use_fused = True  # fused multi-stack inference (the loop is the reference)
+        self.project_active: Callable[[torch.Tensor], torch.Tensor] | None = None  # null-space hook (issue 4)
+        self.last_aux: torch.Tensor | None = None
+        self._fused: FusedStacks | None = None
+
+    # -- which frozen stacks run, with which weight -------------------------------------------------
+    def weight_of(self, domain: str) -> float:
+        return 1.0 if self.domain_weights is None else float(self.domain_weights.get(domain, 0.0))
+
+    def live_domains(self) -> list[str]:
+        """Domains whose frozen stacks contribute (weight above the skip threshold)."""
+        return [d for d in self.stacks if self.weight_of(d) > SKIP_THRESHOLD]
+
+    def frozen_delta_loop(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Σ_d w_d Σ_j Δ_j(x), stack by stack: the obvious reference for the fused path."""
+        total = None
+        for domain in self.live_domains():
+            w = self.weight_of(domain)
+            for adapter in self.stacks[domain]:
+                d = adapter(x).delta * w
+                total = d if total is None else total + d
+        return total
+
+    def frozen_delta(self, x: torch.Tensor) -> torch.Tensor | None:
+        live = self.live_domains()
+        if not live:
+            return None
+        # fused only where it is exact: frozen stacks in eval mode (train-mode ones route noisily)
+        if self.use_fused and not any(a.training for d in live for a in self.stacks[d]):
+            key = tuple((d, len(self.stacks[d]), self.weight_of(d)) for d in live)
+            if self._fused is None or self._fused.key != key:
+                self._fused = FusedStacks(self, live, key)
+            return self._fused(x)
+        return self.frozen_delta_loop(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        self.last_aux = None
+        if self.base_only:
+            return y
+        with torch.no_grad():  # frozen stacks never need gradients w.r.t. their own weights
+            frozen = self.frozen_delta(x) if len(self.stacks) else None
+        if frozen is not None:
+            y = y + frozen
+        if self.active is not None:
+            out = self.active(x)
+            delta = out.delta if self.project_active is None else self.project_active(out.delta)
+            y = y + delta
+            self.last_aux = out.aux_loss
+        return y
+
+    def invalidate(self) -> None:
+        self._fused = None
+
+    def extra_repr(self) -> str:
+        n = {d: len(s) for d, s in self.stacks.items()}
+        return f"in={self.in_features}, out={self.out_features}, frozen={n}, active={self.active is not None}"
+
+
+class FusedStacks:
+    """All live frozen stacks of one projection in a single pass (inference only).
+
+    For S adapters with E_s experts of rank r_s (a LoRA is one expert whose gate is 1):
+
+        h = x @ [A_1; …; A_S]ᵀ                          one matmul      [T, Σ E_s·r_s]
+        z = x @ [R_1; …; R_S]ᵀ                          one matmul      [T, Σ E_s]  (router logits)
+        g_s = topk_softmax(z_s) · w_d(s) · scale_s      per stack       [T, E_s]
+        Δ = (h ⊙ repeat(g, r)) @ [B_1 … B_S]ᵀ           one matmul      [T, d_out]
+
+    The gates depend on x, so they cannot be folded into B once and for all; the domain weights and
+    rsLoRA scales can, and are, folded into one per-column scale.
+    """
+
+    def __init__(self, layer: StackedLinear, live: list[str], key: tuple):
+        self.key = key
+        As, Rs, Bs, self.groups = [], [], [], []  # groups: (n_experts, r, top_k, routing, top_p, column scale)
+        for domain in live:
+            w = layer.weight_of(domain)
+            for adapter in layer.stacks[domain]:
+                if isinstance(adapter, MoELoRA):
+                    E, r = adapter.n_experts, adapter.r
+                    As.append(adapter.lora_A.reshape(E * r, -1))  # [E·r, d_in]
+                    Bs.append(adapter.lora_B.permute(1, 0, 2).reshape(adapter.lora_B.shape[1], E * r))  # [d_out, E·r]
+                    Rs.append(adapter.router.weight)  # [E, d_in]
+                    self.groups.append((E, r, adapter.top_k, adapter.routing, adapter.top_p, w * adapter.scaling))
+                elif isinstance(adapter, LoRA):
+                    As.append(adapter.lora_A)
+                    Bs.append(adapter.lora_B)
+                    self.groups.append((1, adapter.r, 1, "lora", 1.0, w * adapter.scaling))
+                else:
+                    raise TypeError(f"cannot fuse a {type(adapter).__name__}")
+        with torch.no_grad():
+            self.A = torch.cat(As).detach()  # [Σ E·r, d_in]
+            self.B = torch.cat(Bs, dim=1).detach()  # [d_out, Σ E·r]
+            self.R = torch.cat(Rs).detach() if Rs else None  # [Σ_moe E, d_in]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # [T, F]
+        # T tokens, F d_in, C = Σ E·r columns, O d_out
+        h = F.linear(x, self.A)  # [T, C]
+        z = F.linear(x, self.R) if self.R is not None else None  # [T, Σ_moe E]
+        gates, zi = [], 0
+        for E, r, k, routing, top_p, scale in self.groups:
+            if routing == "lora":
+                g = h.new_full((h.shape[0], 1), scale)
+            else:
+                g = route(z[:, zi : zi + E], routing, k, top_p)[0] * scale  # [T, E]
+                zi += E
+            gates.append(g.repeat_interleave(r, dim=-1))  # [T, E·r]
+        return F.linear(h * torch.cat(gates, dim=-1), self.B).view(*lead, -1)  # [..., O]
+
+
+# -- whole-model operations ------------------------------------------------------------------------
+
+
+def inject_stacks(model: nn.Module, target_modules: tuple[str, ...] = TARGET_MODULES) -> list[StackedLinear]:
+    """Freeze the whole model and wrap every module named one of `target_modules` with a StackedLinear (in place).
+
+    Everything that exists before injection is the base: embeddings and norms are frozen too."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if name.split(".")[-1] in target_modules and not isinstance(mod, StackedLinear)]
+    if not targets and not list(stacked_layers(model)):
+        raise ValueError(f"no module of the model is named one of {target_modules}")
+    for name, mod in targets:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.split(".")[-1], StackedLinear(mod))
+    return list(stacked_layers(model))
+
+
+def stacked_layers(model: nn.Module) -> Iterator[StackedLinear]:
+    return (m for m in model.modules() if isinstance(m, StackedLinear))
+
+
+def add_stack(model: nn.Module, make_adapter: Callable[[int, int], nn.Module]) -> list[nn.Parameter]:
+    """Give every stacked layer a fresh active adapter `make_adapter(d_in, d_out)`; return its parameters."""
+    params = []
+    for layer in stacked_layers(model):
+        if layer.active is not None:
+            raise RuntimeError("a stack is already active: freeze it (or drop it) before adding another")
+        ref = next(layer.base_layer.buffers(), None)
+        ref = next(layer.base_layer.parameters(), ref)
+        layer.active = make_adapter(layer.in_features, layer.out_features).to(ref.device if ref is not None else "cpu")
+        layer.active.train()
+        params += list(layer.active.parameters())
+    return params
+
+
+def active_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The only parameters an optimizer is ever given."""
+    return [p for layer in stacked_layers(model) if layer.active is not None for p in layer.active.parameters()]
+
+
+def freeze_active(model: nn.Module, domain: str, keep_train_mode: bool = False) -> None:
+    """Move the active adapter of every layer into the frozen stacks of `domain`."""
+    for layer in stacked_layers(model):
+        if layer.active is None:
+            raise RuntimeError("no active stack to freeze")
+        adapter = layer.active
+        for p in adapter.parameters():
+            p.requires_grad_(False)
+        adapter.train(keep_train_mode)
+        adapter._keep_train_mode = keep_train_mode  # survives model.train()/eval() calls, see below
+        if domain not in layer.stacks:
+            layer.stacks[domain] = nn.ModuleList()
+        layer.stacks[domain].append(adapter)
+        layer.active = None
+        layer.invalidate()
+
+
+def drop_active(model: nn.Module) -> None:
+    for layer in stacked_layers(model):
+        layer.active = None
+
+
+def set_domain_weights(model: nn.Module, weights: dict[str, float] | None) -> None:
+    """None = ungated (all 1); else per-domain weights (≤ 0.12 skipped, absent = 0)."""
+    for layer in stacked_layers(model):
+        layer.domain_weights = None if weights is None else dict(weights)
+
+
+def set_base_only(model: nn.Module, flag: bool) -> None:
+    for layer in stacked_layers(model):
+        layer.base_only = flag
+
+
+def aux_loss(model: nn.Module) -> torch.Tensor:
+    """Σ over layers of the active adapters' load-balance losses from the last forward."""
+    total = torch.zeros(())
+    for layer in stacked_layers(model):
+        if layer.last_aux is not None:
+            total = total + layer.last_aux
+    return total
+
+
+def train_mode(model: nn.Module, training: bool = True) -> None:
+    """model.train(training), but frozen stacks stay in eval mode (unless frozen with keep_train_mode)."""
+    model.train(training)
+    for layer in stacked_layers(model):
+        layer.base_layer.eval()
+        for stack in layer.stacks.values():
+            for adapter in stack:
+                adapter.train(training and getattr(adapter, "_keep_train_mode", False))

@@ -1,0 +1,261 @@
+"""The one stack-training loop, shared by every experiment (spec §3), and residual boosting on top of it.
+
+One round trains one fresh stack on one domain, over a frozen base and frozen earlier stacks:
+
+    loss   = CE(next token) + λ · Σ_layers L_aux          (λ = 0.01; L_aux from every MoE-LoRA)
+    opt    = AdamW(β 0.9/0.95, weight decay 0.01) on the active stack only, grad-norm clip 1.0
+    lr(t)  = lr · t/warmup for t < warmup (40 steps), then linear decay to 0
+
+The best-stack guard (the paper's BestStackCallback, with our two fixes, spec §3): evaluate every
+`eval_every` steps; keep a snapshot of the best validation loss; stop the round on a spike
+(`val − best > 0.1`) or after 4 evaluations without improvement; restore the best snapshot at the
+end. "Best" starts at the pre-round loss with the zero-init snapshot — so a round that only makes
+things worse restores the identity (the released code starts at +inf and can never do that).
+
+Residual boosting (spec §3): rounds on one domain, each adding a fresh stack on top of the frozen
+ones; stop when a round after the first improves by less than 0.002. A round's stack is kept even
+when it stops the loop.
+
+One loss definition everywhere (spec §4): the validation loss of a domain is the token-weighted mean
+cross-entropy over its validation examples, each example on its own (no packing), over all tokens of
+the Alpaca-formatted text, or over the response tokens only with `completion_only`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .data import Example
+from .pretrain import window_starts
+from .stacks import active_parameters, add_stack, aux_loss, freeze_active, stacked_layers, train_mode
+from .tokenizer import Tokenizer
+
+IGNORE = -100  # label of a token that is not scored
+
+
+@dataclass(frozen=True)
+class StackTrainConfig:
+    steps: int = 400  # optimizer steps per round (paper: TinyLlama 400, Gemma 500)
+    batch_size: int = 16  # paper: 16
+    seq_len: int = 256  # packed window length (paper: 512; our base's context is 256)
+    lr: float = 2e-4  # paper: 2e-4 TinyLlama, 1e-4 Gemma
+    warmup_steps: int = 40  # paper: 40, then linear decay
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    aux_weight: float = 0.01  # λ for the load-balance loss
+    eval_every: int = 50  # paper: 50
+    spike: float = 0.1  # stop when val − best exceeds this
+    patience: int = 4  # stop after this many evaluations without improvement
+    guard: bool = True  # False: run every step (Exp 1 compares full curves)
+    completion_only: bool = False  # score only the response tokens (training and validation)
+    max_val_examples: int = 200  # validation examples per evaluation (paper's n = 200)
+    eval_batch_size: int = 32
+    seed: int = 0
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def encode_example(tok: Tokenizer, ex: Example, completion_only: bool, max_len: int) -> tuple[list[int], list[int]]:
+    """`<bos> prompt response <eos>` and its labels (prompt tokens IGNOREd when completion_only)."""
+    prompt = tok.encode(ex.prompt(), bos=True)
+    response = tok.encode(ex.response, eos=True)
+    ids = (prompt + response)[:max_len]
+    labels = ([IGNORE] * len(prompt) if completion_only else list(prompt)) + response
+    return ids, labels[:max_len]
+
+
+class PackedExamples:
+    """Training examples packed into one token stream (paper: packing); windows drawn per step."""
+
+    def __init__(self, tok: Tokenizer, examples: Sequence[Example], completion_only: bool, seq_len: int):
+        if not examples:
+            raise ValueError("no training examples")
+        ids, labels = [], []
+        for ex in examples:
+            i, lab = encode_example(tok, ex, completion_only, max_len=10**9)
+            ids += i
+            labels += lab
+        self.ids, self.labels = torch.tensor(ids), torch.tensor(labels)
+        self.seq_len = seq_len
+
+    def batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = window_starts(len(self.ids), step, batch_size, self.seq_len, seed)
+        x = torch.stack([self.ids[s : s + self.seq_len] for s in starts])
+        y = torch.stack([self.labels[s : s + self.seq_len] for s in starts])
+        return x, y
+
+
+class ExampleSet:
+    """Validation examples, tokenised once, batched by length (padding on the right is never scored)."""
+
+    def __init__(self, tok: Tokenizer, examples: Sequence[Example], completion_only: bool, max_len: int,
+                 batch_size: int = 32):
+        pairs = [encode_example(tok, ex, completion_only, max_len) for ex in examples]
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))  # little padding per batch
+        self.batches = []
+        for b in range(0, len(order), batch_size):
+            chunk = [pairs[i] for i in order[b : b + batch_size]]
+            T = max(len(ids) for ids, _ in chunk)
+            x = torch.full((len(chunk), T), tok.pad_id)
+            y = torch.full((len(chunk), T), IGNORE)
+            for row, (ids, lab) in enumerate(chunk):
+                x[row, : len(ids)] = torch.tensor(ids)
+                y[row, : len(lab)] = torch.tensor(lab)
+            self.batches.append((x, y))
+
+
+@torch.no_grad()
+def example_loss(model: nn.Module, data: ExampleSet) -> float:
+    """Token-weighted mean CE over every scored token of every example: *the* validation loss."""
+    was = model.training
+    train_mode(model, False)
+    total, count = 0.0, 0
+    for x, y in data.batches:
+        n = int((y[:, 1:] != IGNORE).sum())  # labels are shifted inside the model
+        if n:
+            total += float(model(x, labels=y).loss) * n
+            count += n
+    train_mode(model, was)
+    return total / max(count, 1)
+
+
+# -- one round -------------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundResult:
+    pre_loss: float  # validation loss before the round (earlier stacks on)
+    best_loss: float  # after restoring the best snapshot
+    val_curve: list[list[float]] = field(default_factory=list)  # [[step, loss], ...], step 0 = pre_loss
+    best_step: int = 0  # 0 = the zero-init snapshot (identity) was best
+    stop_reason: str = "steps"  # "steps", "spike" or "patience"
+    steps_run: int = 0
+    seconds_per_step: float = 0.0
+    params: int = 0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def lr_factor(step: int, cfg: StackTrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps))
+
+
+def _snapshot(model: nn.Module) -> list[dict[str, torch.Tensor]]:
+    return [copy.deepcopy(layer.active.state_dict()) for layer in stacked_layers(model)]
+
+
+def _restore(model: nn.Module, snap: list[dict[str, torch.Tensor]]) -> None:
+    for layer, sd in zip(stacked_layers(model), snap):
+        layer.active.load_state_dict(sd)
+
+
+def train_round(
+    model: nn.Module,
+    make_adapter: Callable[[int, int], nn.Module],
+    train: PackedExamples,
+    val_loss: Callable[[], float],
+    cfg: StackTrainConfig,
+    progress: bool = True,
+    desc: str = "round",
+    after_step: Callable[[nn.Module], None] | None = None,
+    round_index: int = 0,
+) -> RoundResult:
+    """Add a fresh active stack and train it with the best-stack guard; the best snapshot stays active.
+
+    `val_loss()` evaluates the model as it is (usually `example_loss` on the domain's validation set);
+    `after_step(model)` runs after every optimizer step (the null-space projection's strict mode).
+    """
+    # adapter init and routing noise: the same for every run compared, different for every round
+    torch.manual_seed(cfg.seed * 1000 + round_index)
+    pre = val_loss()
+    params = add_stack(model, make_adapter)
+    result = RoundResult(pre_loss=pre, best_loss=pre, val_curve=[[0, pre]], params=sum(p.numel() for p in params))
+    best_snap, bad = _snapshot(model), 0
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    train_mode(model, True)
+    seconds = 0.0
+    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
+    for step in bar:
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(step, cfg)
+        x, y = train.batch(step, cfg.batch_size, cfg.seed)
+        task = model(x, labels=y).loss
+        loss = task + cfg.aux_weight * aux_loss(model)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        if after_step is not None:
+            after_step(model)
+        seconds += time.perf_counter() - t0
+        result.steps_run = step + 1
+        bar.set_postfix(loss=f"{task.item():.3f}", best=f"{result.best_loss:.3f}")
+        if (step + 1) % cfg.eval_every and step + 1 != cfg.steps:
+            continue
+        v = val_loss()
+        train_mode(model, True)
+        result.val_curve.append([step + 1, v])
+        if v < result.best_loss:
+            result.best_loss, result.best_step, best_snap, bad = v, step + 1, _snapshot(model), 0
+        else:
+            bad += 1
+        if cfg.guard and v - result.best_loss > cfg.spike:
+            result.stop_reason = "spike"
+            break
+        if cfg.guard and bad >= cfg.patience:
+            result.stop_reason = "patience"
+            break
+    bar.close()
+    _restore(model, best_snap)
+    train_mode(model, False)
+    result.seconds_per_step = seconds / max(1, result.steps_run)
+    return result
+
+
+# -- residual boosting -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoostConfig:
+    max_rounds: int = 3  # paper: TinyLlama up to 3, Gemma 2 per domain
+    min_improvement: float = 0.002  # a round after the first must improve the domain's loss by this
+
+
+def boost_domain(
+    model: nn.Module,
+    domain: str,
+    make_adapter: Callable[[int, int], nn.Module],
+    train: PackedExamples,
+    val_loss: Callable[[], float],
+    cfg: StackTrainConfig,
+    boost: BoostConfig = BoostConfig(),
+    progress: bool = True,
+    after_step: Callable[[nn.Module], None] | None = None,
+) -> list[RoundResult]:
+    """Rounds of `train_round` on one domain, each frozen under `domain` before the next is added."""
+    rounds: list[RoundResult] = []
+    prev = math.inf
+    for r in range(boost.max_rounds):
+        res = train_round(model, make_adapter, train, val_loss, cfg, progress, desc=f"{domain} round {r + 1}",
+                          after_step=after_step, round_index=r)
+        freeze_active(model, domain)  # kept even if it is the round that stops the loop
+        rounds.append(res)
+        if r > 0 and prev - res.best_loss < boost.min_improvement:
+            break
+        prev = res.best_loss
+    return rounds

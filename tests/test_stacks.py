@@ -1,0 +1,192 @@
+"""Stacked layers: identity on add, frozen means frozen, fused == loop, skipped domains cost nothing."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ministacks.lora import LoRA
+from ministacks.model import ModelConfig, Transformer
+from ministacks.moe_lora import MoELoRA
+from ministacks.stacks import (SKIP_THRESHOLD, StackedLinear, TARGET_MODULES, active_parameters, add_stack,
+                               freeze_active, inject_stacks, make_adapter, set_base_only, set_domain_weights,
+                               stacked_layers, train_mode)
+
+CFG = ModelConfig(vocab_size=97, n_layer=2, d_model=64, n_head=4, n_kv_head=2, max_seq_len=32)
+
+
+def _model():
+    torch.manual_seed(0)
+    return Transformer(CFG).eval()
+
+
+def _perturb_active(model, std=0.05):
+    """Trained stacks have non-zero B; fake that so that stacks do something."""
+    with torch.no_grad():
+        for layer in stacked_layers(model):
+            layer.active.lora_B.normal_(std=std)
+
+
+def _stacked(domains=("chat", "code", "chat"), kinds=("moe", "lora", "moe")):
+    model = _model()
+    inject_stacks(model)
+    for domain, kind in zip(domains, kinds):
+        add_stack(model, make_adapter(kind))
+        _perturb_active(model)
+        freeze_active(model, domain)
+    train_mode(model, False)
+    return model
+
+
+def test_inject_wraps_exactly_the_seven_projections_per_layer():
+    model = _model()
+    layers = inject_stacks(model)
+    assert len(layers) == 7 * CFG.n_layer
+    wrapped = {n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, StackedLinear)}
+    assert wrapped == set(TARGET_MODULES)
+    assert len(inject_stacks(model)) == len(layers)  # idempotent: no double wrapping
+    with pytest.raises(ValueError, match="no module"):
+        inject_stacks(nn.Sequential(nn.Linear(2, 2)))
+
+
+@pytest.mark.parametrize("kind", ["moe", "lora"])
+def test_adding_a_stack_is_bitwise_identity(kind):
+    model = _model()
+    x = torch.randint(0, 97, (2, 16))
+    ref = model(x).logits
+    inject_stacks(model)
+    assert torch.equal(model(x).logits, ref)
+    add_stack(model, make_adapter(kind))
+    train_mode(model, False)
+    assert torch.equal(model(x).logits, ref)
+    freeze_active(model, "chat")
+    assert torch.equal(model(x).logits, ref)
+
+
+def test_only_the_active_stack_trains_and_frozen_never_change():
+    model = _stacked()
+    frozen_before = {n: p.clone() for n, p in model.named_parameters()}
+    params = add_stack(model, make_adapter("moe"))
+    assert {id(p) for p in params} == {id(p) for p in active_parameters(model)}
+    assert all(p.requires_grad for p in params)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in params}, "nothing but the active stack may be trainable"
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    train_mode(model, True)
+    x = torch.randint(0, 97, (2, 16))
+    for _ in range(3):
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        for name, p in model.named_parameters():
+            if id(p) not in trainable:
+                assert p.grad is None, f"{name} got a gradient"
+        opt.step()
+    for name, p in model.named_parameters():
+        if name in frozen_before:
+            assert torch.equal(p, frozen_before[name]), f"{name} changed"
+    # frozen adapters stay in eval mode (no routing noise) while the model trains
+    assert all(not a.training for layer in stacked_layers(model) for s in layer.stacks.values() for a in s)
+
+
+def test_released_code_train_mode_frozen_stacks_flag():
+    model = _model()
+    inject_stacks(model)
+    add_stack(model, make_adapter("moe"))
+    freeze_active(model, "chat", keep_train_mode=True)
+    train_mode(model, True)
+    assert all(a.training for layer in stacked_layers(model) for a in layer.stacks["chat"])
+    train_mode(model, False)
+    assert not any(a.training for layer in stacked_layers(model) for a in layer.stacks["chat"])
+
+
+@pytest.mark.parametrize("weights", [None, {"chat": 0.7, "code": 0.4}, {"chat": 1.0, "code": 0.05}])
+def test_fused_multi_stack_inference_equals_the_loop(weights):
+    model = _stacked()
+    set_domain_weights(model, weights)
+    x = torch.randint(0, 97, (3, 16))
+    fused = model(x).logits
+    for layer in stacked_layers(model):
+        layer.use_fused = False
+    loop = model(x).logits
+    torch.testing.assert_close(fused, loop, atol=1e-5, rtol=1e-5)
+    # and per layer, on a random input
+    layer = next(stacked_layers(model))
+    h = torch.randn(5, layer.in_features)
+    layer.use_fused = True
+    torch.testing.assert_close(layer.frozen_delta(h), layer.frozen_delta_loop(h), atol=1e-6, rtol=1e-5)
+
+
+def test_a_domain_at_or_below_threshold_costs_nothing_and_adds_nothing():
+    model = _stacked()
+    calls = []
+    for layer in stacked_layers(model):
+        for adapter in layer.stacks["code"]:
+            adapter.register_forward_hook(lambda *a: calls.append(1))
+        layer.use_fused = False  # the loop calls adapters as modules, so the hook sees every call
+    x = torch.randint(0, 97, (2, 16))
+    set_domain_weights(model, {"chat": 1.0, "code": SKIP_THRESHOLD})
+    with_code_off = model(x).logits
+    assert calls == []
+    set_domain_weights(model, {"chat": 1.0})
+    torch.testing.assert_close(with_code_off, model(x).logits, atol=0, rtol=0)
+    set_domain_weights(model, {"chat": 1.0, "code": 0.5})
+    assert not torch.allclose(model(x).logits, with_code_off)
+    assert calls  # above the threshold the stack does run
+    # fused path: the skipped domain's columns are not even in the concatenated matrices
+    for layer in stacked_layers(model):
+        layer.use_fused = True
+    set_domain_weights(model, {"chat": 1.0, "code": 0.1})
+    model(x)
+    layer = next(stacked_layers(model))
+    n_chat_cols = sum(a.n_experts * a.r for a in layer.stacks["chat"])
+    assert layer._fused.A.shape[0] == n_chat_cols
+
+
+def test_ungated_weighted_and_base_only_switches():
+    model = _stacked()
+    x = torch.randint(0, 97, (2, 16))
+    set_base_only(model, True)
+    base = model(x).logits
+    set_base_only(model, False)
+    ungated = model(x).logits
+    set_domain_weights(model, {"chat": 1.0, "code": 1.0})
+    torch.testing.assert_close(model(x).logits, ungated, atol=0, rtol=0)  # all weights 1 == ungated
+    set_domain_weights(model, {})
+    torch.testing.assert_close(model(x).logits, base, atol=0, rtol=0)  # no domain on == base
+    assert not torch.allclose(base, ungated)
+
+
+def test_stacks_on_a_hugging_face_llama_are_identity_until_trained():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    hf.eval()
+    x = torch.randint(0, 97, (2, 12))
+    ref = hf(x).logits
+    layers = inject_stacks(hf)
+    assert len(layers) == 7 * 2
+    add_stack(hf, make_adapter("moe"))
+    train_mode(hf, False)
+    assert torch.equal(hf(x).logits, ref)
+    _perturb_active(hf)
+    assert not torch.allclose(hf(x).logits, ref)  # the stack really is in the forward path
+    loss = hf(x, labels=x).loss
+    loss.backward()
+    assert all(p.grad is not None for p in active_parameters(hf))
+    assert all(p.grad is None for n, p in hf.named_parameters() if "active" not in n)
+
+
+def test_adapters_are_what_the_factory_says():
+    model = _model()
+    inject_stacks(model)
+    add_stack(model, make_adapter("lora"))
+    assert all(isinstance(layer.active, LoRA) and layer.active.r == 64 for layer in stacked_layers(model))
+    with pytest.raises(RuntimeError, match="already active"):
+        add_stack(model, make_adapter("moe"))
+    freeze_active(model, "x")
+    add_stack(model, make_adapter("moe"))
+    assert all(isinstance(layer.active, MoELoRA) for layer in stacked_layers(model))
+    with pytest.raises(ValueError, match="unknown adapter kind"):
+        make_adapter("mlp")
