@@ -13,20 +13,19 @@ The frozen projection W stays as it is; the adapter adds a rank-r correction to 
     s = lora_alpha / sqrt(r)   (rsLoRA, the Brainstacks default: paper §1, α = 16)
     s = lora_alpha / r         (original LoRA, `use_rslora=False`)
 
-             x [.., d_in]
-             │
-     ┌───────┴────────┐
-     │                │
-     ▼                ▼
-  ┌──────┐      ┌───────────┐
-  │  W   │      │ A  [r×d_in]│  Kaiming-uniform (nn.Linear's init)
-  │frozen│      └─────┬─────┘
-  └──┬───┘            ▼  h [.., r]      × s
-     │          ┌───────────┐
-     │          │ B [d_out×r]│  zeros: a fresh adapter changes nothing
-     │          └─────┬─────┘
-     ▼                ▼
-   W x      +       Δ(x)   =  y [.., d_out]
+              x [.., d_in]
+              │
+      ┌───────┴────────┐
+      ▼                ▼
+  ┌────────┐    ┌─────────────┐
+  │   W    │    │ A [r, d_in] │  Kaiming-uniform (nn.Linear's init)
+  │ frozen │    └──────┬──────┘
+  └───┬────┘           ▼  h [.., r], times s
+      │         ┌─────────────┐
+      │         │ B [d_out, r]│  zeros: a fresh adapter changes nothing
+      │         └──────┬──────┘
+      ▼                ▼
+     W x       +     Δ(x)      =  y [.., d_out]
 
 Why B starts at zero and A does not: with B = 0 the model is exactly the base model at step 0 (adding
 an adapter is an identity), while a random A still gives B a non-zero gradient, dL/dB = s·(dL/dy)(Ax)^T.

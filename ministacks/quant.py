@@ -64,14 +64,16 @@ against its `quantize_4bit` / `dequantize_4bit` / `Linear4bit` on the CPU):
     block gets its own absmax (no error for sizes that are not a multiple of the block size);
   - an odd number of values is padded with one 0 (code 7) to fill the last byte;
   - the stored 8-bit scale codes are the exact nearest codes, as in bitsandbytes' reference (pure torch)
-    kernel. Its CPU C kernel finds the code with an approximate search that is sometimes off by a few
-    codes for scales near the mean, so with double quantization our scales differ slightly from what
-    bitsandbytes computes on the CPU (the 4-bit codes and everything else are identical).
+    kernel. Its CPU C kernel finds the code with an approximate table search that misses the nearest
+    code for ~0.2% of the scales (by one step; by a few for values within ~1e-5 of 0), so with double
+    quantization a few of our scales differ from what bitsandbytes computes on the CPU by one 8-bit
+    step; the 4-bit codes and everything else are identical.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -130,7 +132,8 @@ DYNAMIC_CODE = dynamic_code_8bit()  # [256]
 # ------------------------------------------------------------------------------ blockwise quantization
 
 
-def _quantize_blockwise(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_blockwise(flat: torch.Tensor, code: torch.Tensor,
+                        blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
     """flat [n] fp32 -> (indices [n] uint8 of the nearest `code` value to w / absmax, absmax [n_blocks] fp32).
     One function for both codes: NF4 (16 values) for the weights, the 8-bit code for the scales."""
     n = flat.numel()
@@ -204,7 +207,8 @@ def _check_quantizable(w: torch.Tensor, blocksize: int) -> None:
     if w.numel() == 0:
         raise ValueError("quantize_nf4 got an empty tensor: there is nothing to quantize")
     if not isinstance(blocksize, int) or blocksize <= 0:
-        raise ValueError(f"blocksize must be a positive int (QLoRA uses {DEFAULT_BLOCKSIZE}), got {blocksize!r}")
+        raise ValueError(f"blocksize must be a positive int (QLoRA uses {DEFAULT_BLOCKSIZE}), "
+                         f"got {blocksize!r}")
     if not bool(torch.isfinite(w).all()):
         raise ValueError("quantize_nf4 got weights containing NaN or inf: one inf would become the absmax of "
                          "its block and round every other value of the block to 0; fix the weights first")
@@ -260,12 +264,15 @@ class NF4Linear(nn.Module):
     saves with safetensors); the forward dequantizes and computes in fp32.
 
     `cache_weight=True` keeps the dequantized fp32 weight after the first forward: no per-step
-    dequantization, but the layer then holds fp32 weights again (5x its 4-bit size), which is what the
+    dequantization, but the layer then holds fp32 weights again (7x its 4-bit size), which is what the
     4-bit base is meant to avoid. Off by default."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = False, cache_weight: bool = False):
         super().__init__()
+        if not isinstance(blocksize, int) or blocksize <= 0:
+            raise ValueError(f"blocksize must be a positive int (QLoRA uses {DEFAULT_BLOCKSIZE}), "
+                             f"got {blocksize!r}")
         self.in_features, self.out_features = in_features, out_features
         self.blocksize, self.double_quant, self.cache_weight = blocksize, double_quant, cache_weight
         self.weight_dtype = torch.float32  # dtype of the weight that was quantized (set by from_linear)
@@ -273,8 +280,8 @@ class NF4Linear(nn.Module):
         n_blocks = -(-n // blocksize)
         # Zero buffers of the right sizes, so that a fresh layer can `load_state_dict` a saved one.
         self.register_buffer("packed", torch.zeros(-(-n // 2), dtype=torch.uint8))
-        self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.uint8 if double_quant else torch.float32))
         dq = double_quant
+        self.register_buffer("absmax", torch.zeros(n_blocks, dtype=torch.uint8 if dq else torch.float32))
         self.register_buffer("absmax_scale", torch.zeros(-(-n_blocks // ABSMAX_BLOCKSIZE)) if dq else None)
         self.register_buffer("absmax_offset", torch.zeros(()) if dq else None)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
@@ -322,7 +329,8 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         bits = self.nf4_weight().bits_per_weight()
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, "
                 f"nf4 4-bit, blocksize={self.blocksize}, double_quant={self.double_quant}, "
                 f"{bits:.3f} bits/weight")
 
@@ -375,43 +383,36 @@ def _median_ms(fns: dict, repeats: int) -> dict:
     return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
-def bench_nf4(cfg=None, batch_size: int = 16, seq_len: int = 256, repeats: int = 5, blocksize: int = DEFAULT_BLOCKSIZE,
-              double_quant: bool = False, seed: int = 0) -> dict:
+def bench_nf4(cfg=None, batch_size: int = 16, seq_len: int = 256, repeats: int = 5,
+              blocksize: int = DEFAULT_BLOCKSIZE, double_quant: bool = False, seed: int = 0) -> dict:
     """Forward + backward of a frozen base, fp32 vs NF4, in one process, on the model of `cfg` (default:
     the quick preset's shapes, d=256, d_ff=704, 4 layers, vocabulary 4096) at batch x seq tokens.
 
-    Two measurements, because they answer different questions:
-      - `proj_*`: the seven projections of every layer alone, x -> each projection -> sum, backward to x:
-        where the 4-bit cost shows (2 dequantizations per layer per step against 2 matmuls);
-      - `model_*`: the whole decoder, loss backward to the embeddings' output (as adapters in layer 0
+    Two timings, because they answer different questions:
+      - `proj`: the seven projections of every layer alone, backward to their inputs: where the 4-bit
+        cost shows (two dequantizations per layer per step, against two matmuls);
+      - `model`: the whole decoder, loss backward to the embeddings' output (as adapters in layer 0
         need it), base frozen: what a stack-training step pays.
-    Also memory: the seven projections and the whole model, fp32 vs NF4. Ratios are nf4 / fp32."""
+    And memory: the seven projections and the whole model, fp32 vs NF4. Ratios are nf4 / fp32."""
     from ministacks.model import ModelConfig, Transformer  # here: model.py does not depend on quant.py
 
     cfg = cfg or ModelConfig()  # the quick preset's model (presets.QUICK.model)
     torch.manual_seed(seed)
-    base = Transformer(cfg).eval()
-    for p in base.parameters():
-        p.requires_grad_(False)
-    fp32_bytes = model_nbytes(base)
-    proj_fp32 = [m for n, m in base.named_modules() if n.rsplit(".", 1)[-1] in TARGET_MODULES]
-    proj_fp32_bytes = sum(m.weight.numel() * 4 for m in proj_fp32)
-
+    base = Transformer(cfg).eval().requires_grad_(False)
     nf4 = quantize_model(copy.deepcopy(base), blocksize=blocksize, double_quant=double_quant)
-    proj_nf4 = [m for n, m in nf4.named_modules() if n.rsplit(".", 1)[-1] in TARGET_MODULES]
-    proj_nf4_bytes = sum(m.nf4_weight().nbytes() for m in proj_nf4)
+    projections = {name: [m for n, m in model.named_modules() if n.endswith(TARGET_MODULES)]
+                   for name, model in (("fp32", base), ("nf4", nf4))}  # q, k, v, o, gate, up, down per layer
 
     g = torch.Generator().manual_seed(seed)
+    tokens = batch_size * seq_len
     ids = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=g)
-    x_d = torch.randn(batch_size * seq_len, cfg.d_model, generator=g)  # input of q/k/v/gate/up
-    x_o = torch.randn(batch_size * seq_len, cfg.d_model, generator=g)  # input of o_proj (attention output)
-    x_ff = torch.randn(batch_size * seq_len, cfg.ff_dim, generator=g)  # input of down_proj
+    x_d, x_o = torch.randn(2, tokens, cfg.d_model, generator=g)  # inputs of q/k/v/gate/up, of o_proj
+    x_ff = torch.randn(tokens, cfg.ff_dim, generator=g)  # input of down_proj
 
     def proj_step(layers):
-        inputs = [t.clone().requires_grad_(True) for t in (x_d, x_o, x_ff)]
-        xd, xo, xff = inputs
+        xd, xo, xff = (t.clone().requires_grad_(True) for t in (x_d, x_o, x_ff))
         total = 0.0
-        for i in range(0, len(layers), 7):  # q, k, v, o, gate, up, down in model order
+        for i in range(0, len(layers), 7):
             q, k, v, o, gate, up, down = layers[i:i + 7]
             total = total + sum(m(xd).sum() for m in (q, k, v, gate, up)) + o(xo).sum() + down(xff).sum()
         total.backward()
@@ -424,21 +425,43 @@ def bench_nf4(cfg=None, batch_size: int = 16, seq_len: int = 256, repeats: int =
         finally:
             hook.remove()
 
-    one = proj_nf4[0]
-    ms = _median_ms({"proj_fp32": lambda: proj_step(proj_fp32), "proj_nf4": lambda: proj_step(proj_nf4),
+    ms = _median_ms({"proj_fp32": lambda: proj_step(projections["fp32"]),
+                     "proj_nf4": lambda: proj_step(projections["nf4"]),
                      "model_fp32": lambda: model_step(base), "model_nf4": lambda: model_step(nf4),
-                     "dequant_all": lambda: [m.dequantize_weight() for m in proj_nf4]}, repeats)
+                     "dequant": lambda: [m.dequantize_weight() for m in projections["nf4"]]}, repeats)
+    proj_bytes = {"fp32": sum(m.weight.numel() * 4 for m in projections["fp32"]),
+                  "nf4": sum(m.nf4_weight().nbytes() for m in projections["nf4"])}
+    model_bytes = {"fp32": model_nbytes(base), "nf4": model_nbytes(nf4)}
     return {
-        "tokens": batch_size * seq_len,
-        "proj_fp32_ms": ms["proj_fp32"], "proj_nf4_ms": ms["proj_nf4"],
-        "proj_ratio": ms["proj_nf4"] / ms["proj_fp32"],
-        "model_fp32_ms": ms["model_fp32"], "model_nf4_ms": ms["model_nf4"],
-        "model_ratio": ms["model_nf4"] / ms["model_fp32"],
-        "dequant_all_projections_ms": ms["dequant_all"],  # one dequantization of every projection
-        "proj_fp32_bytes": proj_fp32_bytes, "proj_nf4_bytes": proj_nf4_bytes,
-        "proj_bytes_ratio": proj_nf4_bytes / proj_fp32_bytes,
-        "bits_per_weight": one.nf4_weight().bits_per_weight(),
-        "model_fp32_bytes": fp32_bytes, "model_nf4_bytes": model_nbytes(nf4),
-        "model_bytes_ratio": model_nbytes(nf4) / fp32_bytes,
-        "threads": torch.get_num_threads(),
+        "config": dataclasses.asdict(cfg), "batch_size": batch_size, "seq_len": seq_len, "repeats": repeats,
+        "threads": torch.get_num_threads(), "double_quant": double_quant,
+        "ms": {k: v for k, v in ms.items() if k != "dequant"},  # medians of forward + backward
+        "dequant_ms": ms["dequant"],  # dequantizing every projection once (a step does it twice)
+        "proj_ratio": ms["proj_nf4"] / ms["proj_fp32"], "model_ratio": ms["model_nf4"] / ms["model_fp32"],
+        "bits_per_weight": projections["nf4"][0].nf4_weight().bits_per_weight(),
+        "proj_bytes": proj_bytes, "model_bytes": model_bytes,
+        "proj_bytes_ratio": proj_bytes["nf4"] / proj_bytes["fp32"],
+        "model_bytes_ratio": model_bytes["nf4"] / model_bytes["fp32"],
     }
+
+
+def format_bench_nf4(d: dict) -> str:
+    c, ms, mib = d["config"], d["ms"], 2**20
+    tok = d["batch_size"] * d["seq_len"]
+    return "\n".join([
+        "NF4 vs fp32 frozen base: forward + backward to the inputs (no weight gradients)",
+        f"  model     {c['n_layer']} layers, d_model {c['d_model']}, vocab {c['vocab_size']}; "
+        f"7 projections a layer in NF4{' + double quant' if d['double_quant'] else ''}",
+        f"  batch     {d['batch_size']} x {d['seq_len']} tokens, {d['repeats']} interleaved rounds, "
+        f"{d['threads']} threads, medians",
+        f"  projections only   fp32 {ms['proj_fp32']:6.0f} ms   nf4 {ms['proj_nf4']:6.0f} ms   "
+        f"nf4/fp32 {d['proj_ratio']:.2f}   ({tok / ms['proj_nf4'] * 1e3:,.0f} tok/s nf4)",
+        f"  whole model        fp32 {ms['model_fp32']:6.0f} ms   nf4 {ms['model_nf4']:6.0f} ms   "
+        f"nf4/fp32 {d['model_ratio']:.2f}",
+        f"  dequantizing all projections once: {d['dequant_ms']:.1f} ms (twice per training step)",
+        f"  memory    projections {d['proj_bytes']['fp32'] / mib:.1f} -> "
+        f"{d['proj_bytes']['nf4'] / mib:.2f} MiB "
+        f"({d['bits_per_weight']:.3f} bits/weight, x{d['proj_bytes_ratio']:.3f}); whole model "
+        f"{d['model_bytes']['fp32'] / mib:.1f} -> {d['model_bytes']['nf4'] / mib:.1f} MiB "
+        f"(x{d['model_bytes_ratio']:.2f}: embeddings and norms stay fp32)",
+    ])

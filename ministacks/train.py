@@ -130,6 +130,20 @@ def example_loss(model: nn.Module, data: ExampleSet) -> float:
     return total / max(count, 1)
 
 
+@torch.no_grad()
+def per_example_losses(model: nn.Module, tok: Tokenizer, examples: Sequence[Example], completion_only: bool,
+                       max_len: int) -> list[float]:
+    """Mean CE of each example on its own (same scoring as `example_loss`), in the order given."""
+    was = model.training
+    train_mode(model, False)
+    out = []
+    for ex in examples:
+        ids, labels = encode_example(tok, ex, completion_only, max_len)
+        out.append(float(model(torch.tensor([ids]), labels=torch.tensor([labels])).loss))
+    train_mode(model, was)
+    return out
+
+
 # -- one round -------------------------------------------------------------------------------------
 
 

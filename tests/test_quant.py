@@ -26,6 +26,7 @@ from ministacks.quant import (
     NF4Weight,
     TARGET_MODULES,
     bench_nf4,
+    format_bench_nf4,
     dequantize_nf4,
     model_nbytes,
     nf4_code_from_normal,
@@ -63,7 +64,8 @@ def test_packing_by_hand():
     assert q.packed.tolist() == [0xF0, 0x7C]  # the first value of each pair in the high nibble
     assert q.absmax.tolist() == [1.0]
     # 5 values: the last byte is padded with the zero code 7
-    assert quantize_nf4(torch.tensor([1.0, -1.0, 0.0, 0.5, 1.0]), blocksize=8).packed.tolist() == [0xF0, 0x7C, 0xF7]
+    q5 = quantize_nf4(torch.tensor([1.0, -1.0, 0.0, 0.5, 1.0]), blocksize=8)
+    assert q5.packed.tolist() == [0xF0, 0x7C, 0xF7]
 
 
 # ----------------------------------------------------------------------------- parity: bitsandbytes
@@ -109,9 +111,11 @@ def test_double_quant_matches_bitsandbytes():
     with_their_codes = NF4Weight(q.packed, state.absmax, q.shape, q.dtype, 64, q.absmax_scale, q.absmax_offset)
     theirs = BF.dequantize_4bit(packed, state)
     assert torch.equal(dequantize_nf4(with_their_codes), theirs)
-    # ... and with ours they differ by a fraction of one 8-bit step of a scale, relative to |w|max
+    # ... and with ours they differ by at most one step of the 8-bit code (its widest, 0.9/64, times the
+    # scales' largest 256-block absmax): |NF4 value| <= 1, so a weight moves no more than its scale
     ours = dequantize_nf4(q)
-    assert (ours - theirs).abs().max() < 2e-3 * w.abs().max()
+    one_step = DYNAMIC_CODE.diff().max() * q.absmax_scale.max()
+    assert 0 < (ours - theirs).abs().max() <= one_step * (1 + 1e-5)  # + fp32 round-off
     # our scales are the nearest 8-bit codes: never further from the true scale than theirs
     true_scales = quantize_nf4(w, 64).absmax
     assert bool(((q.block_scales() - true_scales).abs()
@@ -146,6 +150,7 @@ def test_nf4linear_matches_bitsandbytes_linear4bit(double_quant):
 
 def test_error_bound_and_exact_block_maxima():
     # heavy tails (Student t, 3 dof) and an all-zero block, in a size that leaves a short last block
+    torch.manual_seed(0)
     w = torch.distributions.StudentT(3.0).sample((64 * 50 + 30,)) * 0.02
     w[64:128] = 0.0
     q = quantize_nf4(w, 64)
@@ -160,7 +165,8 @@ def test_error_bound_and_exact_block_maxima():
     err = w - w_hat  # positive: w above its code
     eps = 1e-6 * scale
     assert bool((err <= gap_up * scale + eps).all() and (-err <= gap_down * scale + eps).all())
-    assert (err.abs() / scale.clamp(min=1e-38)).max() <= (1 - 0.7229568362236023) / 2 + 1e-6  # widest gap
+    # overall: half the widest gap (between -1 and -0.696) times the block's absmax
+    assert (err.abs() / scale.clamp(min=1e-38)).max() <= NF4_CODE.diff().max() / 2 + 1e-6
     # the largest |w| of every block is stored exactly (the code book ends in -1 and +1)
     for b in range(n_blocks):
         i = b * 64 + int(w[b * 64:(b + 1) * 64].abs().argmax())
@@ -248,6 +254,8 @@ def test_quantize_model_replaces_exactly_the_projections():
     with torch.no_grad():
         ref = model(ids).logits
     fp32_bytes = model_nbytes(model)
+    fp32_weights = {n: m.weight.detach().clone() for n, m in model.named_modules()
+                    if n.endswith(TARGET_MODULES)}
     quantize_model(model)
     replaced = [n for n, m in model.named_modules() if isinstance(m, NF4Linear)]
     assert len(replaced) == 7 * TINY["n_layer"]
@@ -258,16 +266,20 @@ def test_quantize_model_replaces_exactly_the_projections():
     assert model_nbytes(model) < fp32_bytes
     with torch.no_grad():
         logits = model(ids).logits
+    # NF4 moves each Gaussian weight matrix by ~9% (relative L2); at this init the logits move by ~5%:
+    # the error does not grow through the model (tied fp32 embeddings carry much of the signal)
+    w_err = torch.stack([(model.get_submodule(n).dequantize_weight() - w).norm() / w.norm()
+                         for n, w in fp32_weights.items()]).max().item()
     rel = ((logits - ref).norm() / ref.norm()).item()
-    assert rel < 0.05, f"NF4 changed the logits by {rel:.1%}"
+    assert rel < w_err < 0.1, f"NF4 changed the logits by {rel:.1%}, the weights by up to {w_err:.1%}"
     out = model.generate(ids[:, :8], max_new_tokens=8)
     assert out.shape == (2, 16) and bool((out >= 0).all() and (out < 97).all())
     assert torch.equal(out, model.generate(ids[:, :8], max_new_tokens=8, use_cache=False))
 
 
 def test_bench_nf4_reports_ratio_and_memory():
-    cfg = ModelConfig(**TINY)
-    r = bench_nf4(cfg, batch_size=2, seq_len=16, repeats=1)
+    r = bench_nf4(ModelConfig(**TINY), batch_size=2, seq_len=16, repeats=1)
     assert r["proj_ratio"] > 0 and r["model_ratio"] > 0
     assert r["bits_per_weight"] == 4.5 and r["proj_bytes_ratio"] < 1 / 6
-    assert r["model_nf4_bytes"] < r["model_fp32_bytes"]
+    assert r["model_bytes"]["nf4"] < r["model_bytes"]["fp32"]
+    assert "nf4/fp32" in format_bench_nf4(r)

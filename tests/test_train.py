@@ -23,7 +23,7 @@ def tok():
 def model(tok):
     torch.manual_seed(0)
     m = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
-                                max_seq_len=64))
+                                max_seq_len=256))
     inject_stacks(m)
     return m
 
@@ -96,16 +96,17 @@ def test_boosting_runs_to_max_rounds_while_it_helps(model, chat):
 
 def test_example_loss_is_the_token_weighted_mean_over_examples(tok, model):
     exs = load_split("math", "val", SMOKE.data)[:5]
-    data = ExampleSet(tok, exs, completion_only=True, max_len=64, batch_size=2)
+    data = ExampleSet(tok, exs, completion_only=True, max_len=256, batch_size=2)
     total, count = 0.0, 0
     with torch.no_grad():
         for ex in exs:
-            ids, labels = encode_example(tok, ex, completion_only=True, max_len=64)
+            ids, labels = encode_example(tok, ex, completion_only=True, max_len=256)
             logits = model(torch.tensor([ids])).logits[0, :-1]
             target = torch.tensor(labels[1:])
             keep = target != IGNORE
             total += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
             count += int(keep.sum())
+    assert count > 0
     assert example_loss(model, data) == pytest.approx(total / count, rel=1e-5)
 
 
