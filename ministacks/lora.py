@@ -31,9 +31,9 @@ Why B starts at zero and A does not: with B = 0 the model is exactly the base mo
 an adapter is an identity), while a random A still gives B a non-zero gradient, dL/dB = s·(dL/dy)(Ax)^T.
 Both zero would leave both gradients zero forever.
 
-Why sqrt(r) (rsLoRA): with A's entries of variance ~1/d_in, the r components of h = A x are roughly
-independent, so ||B h|| grows like sqrt(r) once B has learnt; dividing by r (plain LoRA) makes the
-update shrink as the rank grows and high ranks learn slowly, dividing by sqrt(r) keeps it rank-stable.
+Why sqrt(r) (rsLoRA): Kalajdzievski (2023) shows that with the original 1/r the size of the update and
+of its gradients shrinks as the rank grows, so a high rank learns no better than a low one; 1/sqrt(r)
+is the scaling that keeps both of order one at every rank, so that rank 64 actually uses its capacity.
 
 The wrapper that computes W x + Δ(x) lives elsewhere (`stacks.py`); this module returns only Δ.
 """
