@@ -35,14 +35,13 @@ import dataclasses
 import time
 
 import torch
-import torch.nn as nn
 
 from .bench import keep_freed_memory
 from .lora import AdapterOutput, LoRA
 from .model import ModelConfig, Transformer
 from .moe_lora import MoELoRA, load_balance_loss, route
+from .stacks import add_stack, aux_loss, inject_stacks, train_mode
 
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AUX_LOSS_WEIGHT = 0.01  # λ of the paper's total loss, task + λ · Σ L_aux (paper §1)
 VARIANTS = ("base", "lora", "moe", "naive")
 
@@ -66,34 +65,9 @@ class NaiveMoELoRA(MoELoRA):
         return AdapterOutput(delta.view(*lead, self.d_out), aux)
 
 
-class Adapted(nn.Module):
-    """y = base_layer(x) + adapter(x).delta, appending the adapter's aux loss to a shared list.
-
-    A minimal stand-in for the real wrapper (`stacks.py`), enough for timing."""
-
-    def __init__(self, base_layer: nn.Linear, adapter: nn.Module, aux_sink: list):
-        super().__init__()
-        self.base_layer, self.adapter, self.aux_sink = base_layer, adapter, aux_sink
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.adapter(x)
-        self.aux_sink.append(out.aux_loss)
-        return self.base_layer(x) + out.delta
-
-
-def attach_adapters(model: Transformer, make_adapter, aux_sink: list) -> None:
-    """Replace each target projection p of every layer by Adapted(p, make_adapter(d_in, d_out))."""
-    for layer in model.layers:
-        for parent in (layer.self_attn, layer.mlp):
-            for name in TARGET_MODULES:
-                base = getattr(parent, name, None)
-                if base is not None:
-                    setattr(parent, name, Adapted(base, make_adapter(base.in_features, base.out_features), aux_sink))
-
-
 def _variant(kind: str, base: Transformer, n_experts: int, r: int, top_k: int):
-    """(model, optimizer or None, aux list) for one variant, on a copy of the same frozen base."""
-    model, aux = copy.deepcopy(base), []
+    """(model, optimizer or None) for one variant, on a copy of the same frozen base."""
+    model = copy.deepcopy(base)
     make = {
         "base": None,
         "lora": lambda i, o: LoRA(i, o, r=n_experts * r),
@@ -103,20 +77,18 @@ def _variant(kind: str, base: Transformer, n_experts: int, r: int, top_k: int):
     if make is None:
         # nothing trainable: let the backward pass start from the embeddings instead
         model.embed_tokens.register_forward_hook(lambda mod, inp, out: out.requires_grad_())
-        return model.train(), None, aux
-    attach_adapters(model, make, aux)
-    params = [p for p in model.parameters() if p.requires_grad]
+        return model.train(), None
+    inject_stacks(model)  # the real stacked layer, as in training
+    params = add_stack(model, make)
+    train_mode(model, True)
     # fused AdamW over the adapter parameters only (the base is frozen), as in training
-    return model.train(), torch.optim.AdamW(params, lr=2e-4, fused=True), aux
+    return model, torch.optim.AdamW(params, lr=2e-4, fused=True)
 
 
-def _step(model: Transformer, opt, aux: list, x: torch.Tensor) -> float:
+def _step(model: Transformer, opt, x: torch.Tensor) -> float:
     """One training step; returns its wall-clock seconds."""
     t0 = time.perf_counter()
-    aux.clear()
-    loss = model(x, labels=x).loss
-    if aux:
-        loss = loss + AUX_LOSS_WEIGHT * torch.stack(aux).sum()
+    loss = model(x, labels=x).loss + AUX_LOSS_WEIGHT * aux_loss(model)
     loss.backward()
     if opt is not None:
         opt.step()
@@ -142,7 +114,7 @@ def bench_moe(cfg: ModelConfig | None = None, batch_size: int = 16, seq_len: int
     base = Transformer(cfg).requires_grad_(False)
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
     variants = {k: _variant(k, base, n_experts, r, top_k) for k in VARIANTS}
-    trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _, _) in variants.items()}
+    trainable = {k: sum(p.numel() for p in m.parameters() if p.requires_grad) for k, (m, _) in variants.items()}
 
     times = {k: [] for k in VARIANTS}
     start = time.perf_counter()

@@ -34,6 +34,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+# The seven projections of every layer, named as in Hugging Face Llama/Gemma: adapters (stacks.py) and
+# the 4-bit base (quant.py) target these names, on this model and on a Hugging Face one alike.
+PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 4096  # BPE vocabulary; 2-4K is the CPU sweet spot (the LM head dominates above)

@@ -82,12 +82,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .model import PROJECTION_NAMES
+
 DEFAULT_BLOCKSIZE = 64  # values per absmax block: QLoRA's choice for the weights (bitsandbytes' default)
 ABSMAX_BLOCKSIZE = 256  # scales per 8-bit block in double quantization (QLoRA section 3)
 NF4_DELTA = 0.9677083  # outermost quantile position = 1 - (1/30 + 1/32) / 2 (bitsandbytes' `offset`)
 TINY = 1e-38  # floor of a block's absmax before taking 1/absmax: an all-zero block gives 0, not NaN
 # the projections that QLoRA (and the paper) quantize and wrap; HF Llama names (see model.py)
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_MODULES = PROJECTION_NAMES
 
 # The 16 NF4 values, copied from bitsandbytes (`functional.get_4bit_type("nf4")`), which hard-codes the
 # output of its `create_normal_map(0.9677083)`. Stored, not recomputed at import, so dequantized values

@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .lora import LoRA
+from .model import PROJECTION_NAMES
 from .moe_lora import MoELoRA, route
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ def make_adapter(kind: str, cfg: AdapterConfig = AdapterConfig()) -> Callable[[i
     raise ValueError(f"unknown adapter kind {kind!r}: use 'moe' or 'lora'")
 
 
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGET_MODULES = PROJECTION_NAMES  # peft's name for "which modules get adapters"
 SKIP_THRESHOLD = 0.12  # a domain whose weight is at or below this costs nothing (spec §6 inference rule)
 
 

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from .data import Example
 from .pretrain import window_starts
-from .stacks import active_parameters, add_stack, aux_loss, freeze_active, stacked_layers, train_mode
+from .stacks import add_stack, aux_loss, freeze_active, stacked_layers, train_mode
 from .tokenizer import Tokenizer
 
 IGNORE = -100  # label of a token that is not scored

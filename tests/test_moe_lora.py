@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ministacks.bench_moe import NaiveMoELoRA, attach_adapters
+from ministacks.bench_moe import NaiveMoELoRA
+from ministacks.stacks import add_stack, inject_stacks
 from ministacks.lora import LoRA, lora_param_count
 from ministacks.model import ModelConfig, Transformer
 from ministacks.moe_lora import (GEMMA3_12B_DIMS, GEMMA3_12B_N_LAYERS, TINYLLAMA_DIMS, TINYLLAMA_N_LAYERS,
@@ -325,7 +326,8 @@ def test_parameter_counts_equal_actual_modules():
     cfg = ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=16)
     dims = llama_projection_dims(cfg.d_model, cfg.ff_dim, cfg.n_head, cfg.n_kv_head, cfg.head_dim)
     for kind, make in (("moe", lambda i, o: MoELoRA(i, o)), ("lora", lambda i, o: LoRA(i, o, r=64))):
-        model = Transformer(cfg).requires_grad_(False)
-        attach_adapters(model, make, [])
+        model = Transformer(cfg)
+        inject_stacks(model)
+        add_stack(model, make)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert trainable == stack_param_count(dims, cfg.n_layer, kind=kind)

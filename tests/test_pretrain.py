@@ -12,7 +12,7 @@ from ministacks.io import load_tensors
 from ministacks.pipeline import base_tokenizer, stage_pretrain
 from ministacks.presets import SMOKE, with_vocab
 from ministacks.pretrain import (PretrainConfig, get_batch, load_base, lr_at, pretrain, split_documents,
-                                 token_stream, unigram_entropy)
+                                 unigram_entropy)
 
 
 @pytest.fixture(scope="module")
