@@ -5,7 +5,8 @@
     compare    Experiment 1: MoE-LoRA vs the parameter-matched single LoRA on chat
     boost      residual boosting rounds on chat until the stop rule
     data       build the domain corpora (cached) and print their sizes
-    bench      speed measurements: `bench pretrain`, `bench moe`, `bench nf4`
+    train      continual domains in curriculum order, null-space projection, forgetting matrices
+    bench      speed measurements: `bench pretrain`, `bench moe`, `bench nf4`, `bench nullspace`
 """
 
 from __future__ import annotations
@@ -28,21 +29,24 @@ def _add_common(p: argparse.ArgumentParser, default_out: str | None) -> None:
 
 
 def cmd_demo(args) -> int:
+    from .continual import train_stage
     from .experiments import run_boost, run_compare
     from .pipeline import stage_pretrain
-    from .report import boost_section, compare_section, data_section, pretrain_section, write_report
+    from .report import boost_section, compare_section, data_section, forgetting_section, pretrain_section, write_report
 
     preset, out, progress = get_preset(args.preset), Path(args.out), not args.no_progress
     t0 = time.time()
     summary = stage_pretrain(preset, out, progress=progress)
     compare = run_compare(replace(preset, quant="nf4"), out, progress=progress)  # Exp 1 is on the 4-bit base
     boost = run_boost(preset, out, progress=progress)
+    forgetting = train_stage(preset, out, compare_nullspace=True, progress=progress)
     sections = [
         f"Preset `{preset.name}`; run folder `{out}`; {time.time() - t0:.0f} s for this invocation.\n",
         data_section(summary["data"]),
         pretrain_section(summary),
         compare_section(compare),
         boost_section(boost),
+        forgetting_section(forgetting),
     ]
     path = write_report(out, sections, title="ministacks demo report")
     print(f"\nvalidation loss {summary['val_loss']:.3f} (unigram entropy {summary['unigram_entropy']:.3f})")
@@ -86,6 +90,24 @@ def cmd_boost(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from .continual import train_stage
+
+    preset = _preset(args)
+    cc = preset.continual
+    if args.domains:
+        cc = replace(cc, domains=tuple(d.strip() for d in args.domains.split(",") if d.strip()))
+    cc = replace(cc, nullspace=not args.no_nullspace, ns_mode=args.ns_mode, ns_basis=args.ns_basis, ns_data=args.ns_data)
+    result = train_stage(replace(preset, continual=cc), args.out, args.compare_nullspace, progress=not args.no_progress)
+    for name, f in result["runs"].items():
+        print(f"forgetting matrix, {name} (rows: after training; columns: {', '.join(f['domains'])}):")
+        for d, row in zip(f["domains"], f["matrix"]):
+            print(f"  after {d:10s} " + "  ".join("   -  " if v is None else f"{v:6.3f}" for v in row))
+    out = Path(args.out)
+    print(f"wrote {out / 'forgetting.json'}, {out / 'forgetting.png'}, {out / 'subspaces.png'}")
+    return 0
+
+
 def cmd_data(args) -> int:
     from .pipeline import stage_data
 
@@ -102,6 +124,10 @@ def cmd_bench(args) -> int:
         from .bench_moe import bench_moe, format_bench_moe
 
         result, text = bench_moe(), format_bench_moe
+    elif args.what == "nullspace":
+        from .bench_nullspace import bench_nullspace, format_bench_nullspace
+
+        result, text = bench_nullspace(), format_bench_nullspace
     else:
         from .quant import bench_nf4, format_bench_nf4
 
@@ -135,14 +161,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base precision under the stacks (default: the preset's, fp32 — faster on the CPU)")
     p.set_defaults(func=cmd_boost)
 
+    p = sub.add_parser("train", help="continual domains in curriculum order, with null-space projection")
+    _add_common(p, "runs/demo")
+    p.add_argument("--domains", help="comma-separated, in training order (default: chat,code,math,medical,reasoning)")
+    p.add_argument("--no-nullspace", action="store_true", help="train without null-space projection")
+    p.add_argument("--compare-nullspace", action="store_true",
+                   help="train twice, with and without null-space, into DIR/nullspace and DIR/no_nullspace")
+    p.add_argument("--ns-mode", choices=["strict", "reference"], default="strict",
+                   help="strict (default): also project every expert's B after each step, so stored stacks are "
+                        "orthogonal; reference: the released code (training-time projection only, leaks)")
+    p.add_argument("--ns-basis", choices=["per_domain", "sum"], default="per_domain",
+                   help="per_domain (paper): K directions per earlier domain; sum (released code): K of the sum")
+    p.add_argument("--ns-data", choices=["previous", "new"], default="previous",
+                   help="previous (paper): earlier domains' validation examples; new (released code): the new domain's")
+    p.add_argument("--quant", choices=["none", "nf4"], default=None, help="base precision (default: the preset's)")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("data", help="build the domain corpora and print their sizes")
     _add_common(p, None)
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("bench", help="speed measurements")
-    p.add_argument("what", choices=["pretrain", "moe", "nf4"],
+    p.add_argument("what", choices=["pretrain", "moe", "nf4", "nullspace"],
                    help="pretrain: training tokens/s and model-FLOPs utilisation; moe: MoE-LoRA vs LoRA vs the "
-                        "released code's dense form; nf4: 4-bit vs fp32 base")
+                        "released code's dense form; nf4: 4-bit vs fp32 base; nullspace: the projection's "
+                        "step-time overhead and randomized vs full SVD")
     p.add_argument("--json", action="store_true", help="one machine-readable JSON line")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -15,14 +15,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .data import load_split
 from .io import atomic_write_json, read_json
 from .plots import plot_boost, plot_compare
-from .presets import Preset
 from .pretrain import load_base
 from .stacks import inject_stacks, make_adapter
 from .train import ExampleSet, PackedExamples, boost_domain, example_loss, train_round
+
+if TYPE_CHECKING:  # presets.py imports the configs of modules that import this one
+    from .presets import Preset
 
 PAPER_EXP1 = {  # spec §9: TinyLlama-1.1B 4-bit, alpaca, val loss every 50 steps
     "steps": [50, 100, 150, 200, 250, 300, 350, 400],

@@ -90,3 +90,72 @@ def plot_boost(result: dict, path: str | Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def _heat(ax, matrix, rows, cols, title, cmap="viridis", center=False):
+    import numpy as np
+
+    m = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+    if center:
+        lim = np.nanmax(np.abs(m)) or 1.0
+        im = ax.imshow(m, cmap=cmap, vmin=-lim, vmax=lim)
+    else:
+        im = ax.imshow(m, cmap=cmap)
+    ax.set_xticks(range(len(cols)), cols, rotation=30)
+    ax.set_yticks(range(len(rows)), rows)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if not np.isnan(m[i, j]):
+                ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", fontsize=8,
+                        color="white" if not center else "black")
+    ax.set_title(title)
+    plt.colorbar(im, ax=ax, fraction=0.046)
+
+
+def plot_forgetting(runs: dict[str, dict], path: str | Path) -> Path:
+    """Like the paper's Figures 4–6: forgetting matrices (rows: after training, cols: domain evaluated),
+    one per run, and their difference when there are two."""
+    path = Path(path)
+    names = list(runs)
+    panels = len(names) + (1 if len(names) == 2 else 0)
+    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.4), dpi=110, squeeze=False)
+    for ax, name in zip(axes[0], names):
+        f = runs[name]
+        _heat(ax, f["matrix"], [f"after {d}" for d in f["domains"]], f["domains"], f"{name}: ungated val loss")
+    if len(names) == 2:
+        a, b = (runs[n]["matrix"] for n in names)
+        diff = [[None if x is None or y is None else y - x for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
+        f = runs[names[0]]
+        _heat(axes[0][-1], diff, [f"after {d}" for d in f["domains"]], f["domains"],
+              f"{names[1]} − {names[0]} (negative: {names[1]} better)", cmap="RdBu_r", center=True)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_subspaces(similarity, domains: list[str], spectra: dict[str, list[float]], orthogonality: dict[str, float],
+                   path: str | Path) -> Path:
+    """Like the paper's Figures 8–10: cross-domain similarity of the stacks' principal output subspaces,
+    singular-value spectra of the deltas, and orthogonality per projection type."""
+    path = Path(path)
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.4), dpi=110)
+    _heat(a, [[float(v) for v in row] for row in similarity], domains, domains,
+          "subspace similarity (max cosine, mean over layers)", cmap="magma")
+    for name, s in spectra.items():
+        b.semilogy(range(1, len(s) + 1), s, "o-", ms=3, label=name)
+    b.set_xlabel("singular value index")
+    b.set_ylabel("singular value of the frozen deltas")
+    b.set_title("spectra (mean over projections)")
+    b.legend(fontsize=8)
+    b.grid(alpha=0.3)
+    names = list(orthogonality)
+    c.bar(names, [orthogonality[n] for n in names])
+    c.set_ylim(0, 1.05)
+    c.set_ylabel("1 − ‖Vᵀδ‖/‖δ‖")
+    c.set_title("new stacks' orthogonality to earlier directions")
+    c.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

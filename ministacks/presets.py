@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from .continual import ContinualConfig
 from .data import DataConfig
 from .model import ModelConfig
 from .pretrain import PretrainConfig
@@ -35,20 +36,24 @@ class Preset:
     # CPU: `bench nf4` measures the 4-bit base 3-6% slower per step (it dequantizes every forward and
     # backward) for 7x less projection memory, which a laptop-sized model does not need.
     quant: str = "none"
+    continual: ContinualConfig = ContinualConfig()  # domains in curriculum order, null-space projection
 
 
 SMOKE = Preset(
     name="smoke",
     data=DataConfig(max_examples=150, n_val=20, n_test=20),
     vocab_size=512,
-    model=ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=2, max_seq_len=64),
+    # context 256 although pretraining uses 64-token windows: with this tiny vocabulary the Alpaca
+    # template alone is ~110 tokens, and stack training must see the responses after it
+    model=ModelConfig(n_layer=2, d_model=64, n_head=4, n_kv_head=2, max_seq_len=256),
     pretrain=PretrainConfig(
         steps=100, batch_size=16, seq_len=64, lr=6e-3, warmup_steps=10, eval_every=25, eval_batches=2,
         ckpt_every=25, samples_per_domain=1, sample_tokens=16,
     ),
-    stack=StackTrainConfig(steps=12, batch_size=8, seq_len=64, lr=3e-3, warmup_steps=3, eval_every=4,
+    stack=StackTrainConfig(steps=12, batch_size=8, seq_len=192, lr=3e-3, warmup_steps=3, eval_every=4,
                            max_val_examples=20),
     boost=BoostConfig(max_rounds=2),
+    continual=ContinualConfig(rounds=2, ns_k=4, ns_examples=20),
 )
 
 QUICK = Preset(
@@ -56,8 +61,11 @@ QUICK = Preset(
     data=DataConfig(),  # 3,000 examples per domain, 200 val / 200 test
     vocab_size=4096,
     model=ModelConfig(n_layer=4, d_model=256, n_head=4, n_kv_head=2, max_seq_len=256),
-    pretrain=PretrainConfig(steps=200, eval_every=25, ckpt_every=25),
-    stack=StackTrainConfig(steps=60, batch_size=8, lr=1e-3, warmup_steps=10, eval_every=10, max_val_examples=100),
+    pretrain=PretrainConfig(steps=160, eval_every=20, ckpt_every=20),
+    stack=StackTrainConfig(steps=40, batch_size=8, lr=1e-3, warmup_steps=8, eval_every=10, max_val_examples=64),
+    boost=BoostConfig(max_rounds=3),
+    # 5 domains x 2 rounds x 30 steps, twice (with and without null-space) in the demo
+    continual=ContinualConfig(rounds=2, steps=30, ns_k=16, ns_examples=64),
 )
 
 PAPER = Preset(
@@ -67,6 +75,7 @@ PAPER = Preset(
     model=ModelConfig(n_layer=6, d_model=384, n_head=6, n_kv_head=2, max_seq_len=256),
     pretrain=PretrainConfig(steps=600, lr=1.5e-3, warmup_steps=40, eval_every=50, ckpt_every=50),
     stack=StackTrainConfig(steps=200, batch_size=16, lr=1e-3, warmup_steps=40, eval_every=25),
+    continual=ContinualConfig(rounds=3, ns_k=32, ns_examples=200),  # the paper's TinyLlama setting: n=200, K=32
 )
 
 PRESETS = {p.name: p for p in (SMOKE, QUICK, PAPER)}

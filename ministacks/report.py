@@ -99,3 +99,32 @@ def boost_section(b: dict) -> str:
         "![residual boosting](boost.png)",
         "",
     ])
+
+
+def _matrix_table(domains: list[str], matrix: list[list]) -> list[str]:
+    rows = ["| after \\ on | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+    for d, row in zip(domains, matrix):
+        rows.append(f"| {d} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in row) + " |")
+    return rows
+
+
+def forgetting_section(f: dict) -> str:
+    lines = ["## Continual domains and null-space projection", "",
+             "Validation loss of every domain seen so far, all stacks on (ungated), after training each domain "
+             "in curriculum order (one loss definition everywhere).", ""]
+    for name, run in f["runs"].items():
+        lines += [f"**{name}**", "", *_matrix_table(run["domains"], run["matrix"]), ""]
+    if "difference" in f:
+        lines += ["**with − without** (negative: null-space helped)", "",
+                  *_matrix_table(f["domains"], f["difference"]), ""]
+    p = f["paper"]
+    lines += ["The paper's numbers (TinyLlama, its curriculum chat → code → medical → math; without → with null-space):",
+              "", "| after \\ on | " + " | ".join(p["domains"]) + " |", "|---|" + "---:|" * len(p["domains"])]
+    for d, a, b in zip(p["domains"], p["without null-space"], p["with null-space"]):
+        cells = ["–" if x is None else f"{x:.3f} → {y:.3f}" for x, y in zip(a, b)]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    lines += ["", "![forgetting matrices](forgetting.png)", "",
+              "Principal output subspaces of each domain's stacks: cross-domain similarity, singular-value spectra, "
+              "and how orthogonal later stacks are to the directions they were kept out of:", "",
+              "![subspaces](subspaces.png)", ""]
+    return "\n".join(lines)

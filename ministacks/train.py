@@ -28,11 +28,13 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .checkpoint import load_latest, optimizer_from_tensors, save_checkpoint
 from .data import Example
 from .pretrain import window_starts
 from .stacks import add_stack, aux_loss, freeze_active, stacked_layers, train_mode
@@ -177,6 +179,19 @@ def _restore(model: nn.Module, snap: list[dict[str, torch.Tensor]]) -> None:
         layer.active.load_state_dict(sd)
 
 
+def _flatten(prefix: str, snap: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{i}.{k}": v for i, sd in enumerate(snap) for k, v in sd.items()}
+
+
+def _unflatten(prefix: str, tensors: dict[str, torch.Tensor], n_layers: int) -> list[dict[str, torch.Tensor]]:
+    snap: list[dict[str, torch.Tensor]] = [{} for _ in range(n_layers)]
+    for name, v in tensors.items():
+        if name.startswith(prefix + "."):
+            i, k = name[len(prefix) + 1 :].split(".", 1)
+            snap[int(i)][k] = v
+    return snap
+
+
 def train_round(
     model: nn.Module,
     make_adapter: Callable[[int, int], nn.Module],
@@ -187,23 +202,42 @@ def train_round(
     desc: str = "round",
     after_step: Callable[[nn.Module], None] | None = None,
     round_index: int = 0,
+    ckpt_dir: str | Path | None = None,
 ) -> RoundResult:
     """Add a fresh active stack and train it with the best-stack guard; the best snapshot stays active.
 
     `val_loss()` evaluates the model as it is (usually `example_loss` on the domain's validation set);
     `after_step(model)` runs after every optimizer step (the null-space projection's strict mode).
+    With `ckpt_dir`, the round checkpoints at every evaluation (active stack, best snapshot, optimizer,
+    guard state, RNG) and a call on the same folder resumes it, ending exactly as an uninterrupted round.
     """
     # adapter init and routing noise: the same for every run compared, different for every round
     torch.manual_seed(cfg.seed * 1000 + round_index)
-    pre = val_loss()
+    ckpt = load_latest(ckpt_dir) if ckpt_dir is not None else None
+    pre = ckpt.state["result"]["pre_loss"] if ckpt else val_loss()
     params = add_stack(model, make_adapter)
+    layers = list(stacked_layers(model))
     result = RoundResult(pre_loss=pre, best_loss=pre, val_curve=[[0, pre]], params=sum(p.numel() for p in params))
-    best_snap, bad = _snapshot(model), 0
+    best_snap, bad, seconds, start, finished = _snapshot(model), 0, 0.0, 0, False
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if ckpt is not None:
+        _restore(model, _unflatten("active", ckpt.model, len(layers)))
+        best_snap = _unflatten("best", ckpt.model, len(layers))
+        optimizer_from_tensors(opt, *ckpt.optimizer)
+        torch.set_rng_state(ckpt.model["rng"])  # routing noise continues as if never interrupted
+        result = RoundResult(**ckpt.state["result"])
+        bad, seconds, start, finished = ckpt.state["bad"], ckpt.state["seconds"], ckpt.state["step"], ckpt.state["finished"]
+
+    def checkpoint(step: int, done: bool) -> None:
+        if ckpt_dir is None:
+            return
+        tensors = {**_flatten("active", _snapshot(model)), **_flatten("best", best_snap), "rng": torch.get_rng_state()}
+        state = {"result": result.to_dict(), "bad": bad, "seconds": seconds, "finished": done}
+        save_checkpoint(ckpt_dir, step, tensors, opt, state)
+
     train_mode(model, True)
-    seconds = 0.0
-    bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, dynamic_ncols=True, leave=False)
-    for step in bar:
+    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not progress or finished, dynamic_ncols=True, leave=False)
+    for step in [] if finished else bar:
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_factor(step, cfg)
@@ -230,9 +264,12 @@ def train_round(
             bad += 1
         if cfg.guard and v - result.best_loss > cfg.spike:
             result.stop_reason = "spike"
-            break
-        if cfg.guard and bad >= cfg.patience:
+        elif cfg.guard and bad >= cfg.patience:
             result.stop_reason = "patience"
+        stopping = result.stop_reason != "steps" or step + 1 == cfg.steps
+        result.seconds_per_step = seconds / max(1, result.steps_run)
+        checkpoint(step + 1, done=stopping)
+        if stopping:
             break
     bar.close()
     _restore(model, best_snap)
@@ -248,6 +285,11 @@ def train_round(
 class BoostConfig:
     max_rounds: int = 3  # paper: TinyLlama up to 3, Gemma 2 per domain
     min_improvement: float = 0.002  # a round after the first must improve the domain's loss by this
+
+
+def boosting_stops(round_index: int, prev_best: float, best: float, boost: BoostConfig) -> bool:
+    """The stop rule: a round after the first that improves the domain's loss by less than min_improvement."""
+    return round_index > 0 and prev_best - best < boost.min_improvement
 
 
 def boost_domain(
@@ -269,7 +311,7 @@ def boost_domain(
                           after_step=after_step, round_index=r)
         freeze_active(model, domain)  # kept even if it is the round that stops the loop
         rounds.append(res)
-        if r > 0 and prev - res.best_loss < boost.min_improvement:
+        if boosting_stops(r, prev, res.best_loss, boost):
             break
         prev = res.best_loss
     return rounds

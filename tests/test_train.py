@@ -125,3 +125,49 @@ def test_packed_batches_are_deterministic(chat):
     a, b = train.batch(3, 4, seed=0), train.batch(3, 4, seed=0)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(train.batch(4, 4, seed=0)[0], a[0])
+
+
+class Killed(Exception):
+    pass
+
+
+def test_a_round_killed_mid_way_resumes_to_the_same_stack(tok, chat, tmp_path):
+    train, val = chat
+
+    def fresh():
+        torch.manual_seed(0)
+        m = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
+                                    max_seq_len=256))
+        inject_stacks(m)
+        return m
+
+    cfg = replace(CFG, steps=10, eval_every=3)
+    ref_model = fresh()
+    ref = train_round(ref_model, make_adapter("moe"), train, lambda: example_loss(ref_model, val), cfg,
+                      progress=False, ckpt_dir=tmp_path / "ref")
+
+    model = fresh()
+    steps = []
+
+    def kill_at_8(m):  # after the step-6 checkpoint, before the step-9 one
+        steps.append(1)
+        if len(steps) == 8:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_round(model, make_adapter("moe"), train, lambda: example_loss(model, val), cfg, progress=False,
+                    after_step=kill_at_8, ckpt_dir=tmp_path / "run")
+    model = fresh()  # a new process: nothing survives but the files
+    resumed_steps = []
+    res = train_round(model, make_adapter("moe"), train, lambda: example_loss(model, val), cfg, progress=False,
+                      after_step=lambda m: resumed_steps.append(1), ckpt_dir=tmp_path / "run")
+    assert len(resumed_steps) == 4  # steps 7..10 only: it continued from the step-6 checkpoint
+    assert res.val_curve == ref.val_curve and res.best_step == ref.best_step
+    for a, b in zip(_active_B(model), _active_B(ref_model)):
+        assert torch.equal(a, b)
+    # and a finished round called again returns at once with the same result
+    again_model = fresh()
+    again = train_round(again_model, make_adapter("moe"), train, lambda: 1 / 0, cfg, progress=False,
+                        ckpt_dir=tmp_path / "run")
+    assert again.val_curve == ref.val_curve
+    assert all(torch.equal(a, b) for a, b in zip(_active_B(again_model), _active_B(ref_model)))

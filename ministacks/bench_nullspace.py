@@ -1,0 +1,168 @@
+"""What does the null-space projection cost, and is the randomized SVD accurate enough? (spec §5)
+
+(a) Step-time overhead during stack training. One frozen model (the quick preset's base, ModelConfig()
+    defaults: 4 layers, d 256, vocab 4096) with one frozen MoE-LoRA stack and an active one, batch
+    16 × 256, K = 32 protected directions per projection. The same training step (forward, loss + aux,
+    backward, grad clip, AdamW — as in `train_round`) is timed three ways, interleaved so that other
+    processes on the cores slow all three alike:
+        none     no projection
+        forward  δ − (δV)Vᵀ in every wrapped projection (the released code's reference mode)
+        strict   forward, plus B ← B − V(VᵀB) for every expert after the optimizer step (our default)
+    Expected cost, counting multiply-adds per token: the forward projection is 2·K·d_out per wrapped
+    projection, and as much again in backward (g ↦ g − (gV)Vᵀ). On this model that is 1.2M of a 13.3M
+    step (base forward and input-gradient backward, LM head, frozen stack, active stack): ~9%, because
+    K/d = 32/256 is large. At Gemma 3 12B's size (K = 64, d = 3840, d_ff = 15360) the base dominates and
+    the same count gives ~2.5%. Strict's B ← B − V(VᵀB) is once per step, not per token: ~free.
+    (The projection could be made ~free per token as well: δ P = s Σ g_i (P B_i) A_i x, so projecting
+    the E·r columns of B once per forward, d_out·K·E·r work, gives the same delta and the same gradients;
+    that needs a hook on the adapter's B, which StackedLinear's `project_active` on δ does not offer.)
+    The directions are random orthonormal V: the cost does not depend on which directions they are.
+
+(b) Randomized vs full SVD at Gemma's size: D [400, 3840] (n = 400 examples, d_out = 3840), k = 64,
+    with a geometric spectrum s_i = 0.97^i (a trained stack's delta spectrum falls off fast; a rank-64
+    MoE-LoRA stack alone has exactly rank ≤ 64). Accuracy of the randomized top-k against the exact one:
+    the cosines of the principal angles between the two k-dimensional subspaces (1 = identical), and the
+    rank-k reconstruction error ‖D − D V Vᵀ‖ relative to the optimal (full-SVD) one (1 = optimal).
+    torch.svd_lowrank, the same algorithm in torch, is timed beside ours.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .bench import keep_freed_memory
+from .model import ModelConfig, Transformer
+from .nullspace import attach_projection, detach_projection, randomized_svd, strict_project_
+from .stacks import StackedLinear, add_stack, aux_loss, freeze_active, inject_stacks, make_adapter, train_mode
+from .train import StackTrainConfig
+
+VARIANTS = ("none", "forward", "strict")
+
+
+def _train_step(model, params, opt, x, cfg: StackTrainConfig, after_step=None) -> float:
+    """One step of `train_round`'s loop (without its bookkeeping); returns its wall-clock seconds."""
+    t0 = time.perf_counter()
+    loss = model(x, labels=x).loss + cfg.aux_weight * aux_loss(model)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    if after_step is not None:
+        after_step(model)
+    return time.perf_counter() - t0
+
+
+def bench_step_overhead(batch_size: int = 16, seq_len: int = 256, k: int = 32, steps: int = 8,
+                        time_budget_s: float = 55.0, seed: int = 0) -> dict:
+    """Median seconds per stack-training step with no / forward / forward + strict projection."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig()
+    model = Transformer(cfg)
+    inject_stacks(model)
+    add_stack(model, make_adapter("moe"))
+    with torch.no_grad():  # an earlier domain's stack, trained (random B stands in for it)
+        for m in model.modules():
+            if isinstance(m, StackedLinear):
+                m.active.lora_B.normal_(0, 0.01)
+    freeze_active(model, "earlier")
+    params = add_stack(model, make_adapter("moe"))
+    tcfg = StackTrainConfig()
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), weight_decay=tcfg.weight_decay)
+    basis = {name: torch.linalg.qr(torch.randn(m.out_features, k)).Q for name, m in model.named_modules()
+             if isinstance(m, StackedLinear)}
+    train_mode(model, True)
+    x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
+    strict = lambda m: strict_project_(m, basis)  # noqa: E731
+
+    times = {v: [] for v in VARIANTS}
+    start = time.perf_counter()
+    for i in range(1 + steps):  # round 0 is warm-up (AdamW allocates its state)
+        for j in range(len(VARIANTS)):  # interleaved, and rotated so no variant always runs first
+            v = VARIANTS[(i + j) % len(VARIANTS)]
+            attach_projection(model, basis) if v != "none" else detach_projection(model)
+            t = _train_step(model, params, opt, x, tcfg, strict if v == "strict" else None)
+            if i:
+                times[v].append(t)
+        if i >= 3 and time.perf_counter() - start > time_budget_s:
+            break
+    detach_projection(model)
+    median = lambda t: sorted(t)[len(t) // 2]  # noqa: E731
+    # the overhead as the median of each round's own ratio: a round's three steps run seconds apart, so
+    # a busy spell of another process mostly hits all three, and the ratio survives it
+    overhead = {v: median([a / b - 1 for a, b in zip(times[v], times["none"])]) for v in ("forward", "strict")}
+    med, best = {v: median(t) for v, t in times.items()}, {v: min(t) for v, t in times.items()}
+    return dict(seconds=med, overhead=overhead, best_seconds=best,
+                best_overhead={v: best[v] / best["none"] - 1 for v in ("forward", "strict")},
+                spread={v: med[v] / best[v] for v in VARIANTS}, rounds=len(times["none"]),
+                batch_size=batch_size, seq_len=seq_len, k=k, config=cfg.to_dict())
+
+
+def bench_svd(n: int = 400, d: int = 3840, k: int = 64, decay: float = 0.97, reps: int = 5, seed: int = 0) -> dict:
+    """Seconds (median of interleaved reps) and accuracy of randomized vs full SVD on a known spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(n, n, generator=g)).Q  # [n, n]
+    W = torch.linalg.qr(torch.randn(d, n, generator=g)).Q  # [d, n]
+    D = (U * decay ** torch.arange(n).float()) @ W.T  # U diag(s) Wᵀ, [n, d]
+    methods = {
+        "full": lambda: torch.linalg.svd(D, full_matrices=False)[2][:k].T,
+        "randomized": lambda: randomized_svd(D, k, generator=torch.Generator().manual_seed(seed))[2],
+        "svd_lowrank": lambda: torch.svd_lowrank(D, q=k + 8, niter=2)[2][:, :k],
+    }
+    times = {m: [] for m in methods}
+    V = {}
+    for _ in range(reps):
+        for m, f in methods.items():
+            t0 = time.perf_counter()
+            V[m] = f()
+            times[m].append(time.perf_counter() - t0)
+    err = lambda V: float((D - D @ V @ V.T).norm())  # noqa: E731
+    acc = {}
+    for m in ("randomized", "svd_lowrank"):
+        cos = torch.linalg.svdvals(V[m].T @ V["full"])  # cosines of the principal angles
+        acc[m] = dict(min_cos=float(cos.min()), mean_cos2=float((cos ** 2).mean()),
+                      max_angle_deg=float(torch.rad2deg(torch.arccos(cos.min().clamp(max=1)))),
+                      error_ratio=err(V[m]) / err(V["full"]))
+    return dict(seconds={m: sorted(t)[len(t) // 2] for m, t in times.items()}, accuracy=acc,
+                n=n, d=d, k=k, decay=decay, reps=reps)
+
+
+def bench_nullspace(time_budget_s: float = 55.0) -> dict:
+    """Both measurements; about a minute on 2 idle cores (much longer when other processes hold the cores)."""
+    keep_freed_memory()
+    return dict(step=bench_step_overhead(time_budget_s=time_budget_s), svd=bench_svd(),
+                threads=torch.get_num_threads())
+
+
+def format_bench_nullspace(d: dict) -> str:
+    s, c = d["step"], d["step"]["config"]
+    tok = s["batch_size"] * s["seq_len"]
+    lines = [
+        "Null-space projection: cost per stack-training step (fp32, forward + backward + AdamW)",
+        f"  model     {c['n_layer']} layers, d_model {c['d_model']}, vocab {c['vocab_size']}; one frozen + one "
+        f"active MoE-LoRA stack; K = {s['k']} directions per projection",
+        f"  batch     {s['batch_size']} x {s['seq_len']} tokens, {s['rounds']} interleaved rounds, "
+        f"{d['threads']} threads, medians",
+    ]
+    names = {"none": "no projection", "forward": "forward projection (reference mode)",
+             "strict": "forward + B projection after each step (strict)"}
+    for v in VARIANTS:
+        extra = "" if v == "none" else (f"  {s['overhead'][v]:+6.1%} (best-of: {s['best_overhead'][v]:+.1%})")
+        lines.append(f"  {names[v]:<50} {s['seconds'][v] * 1e3:7.0f} ms/step  {tok / s['seconds'][v]:8,.0f} tok/s{extra}")
+    if max(s["spread"].values()) > 1.25:
+        lines.append("  warning   median steps well above the fastest: the cores were busy; rerun on an idle machine")
+    v = d["svd"]
+    lines += [f"Top-{v['k']} SVD of a [{v['n']}, {v['d']}] delta matrix (Gemma 3 12B's d_out; spectrum {v['decay']}^i), "
+              f"median of {v['reps']}:"]
+    for m, t in v["seconds"].items():
+        a = v["accuracy"].get(m)
+        acc = "exact" if a is None else (f"min cos {a['min_cos']:.6f} (max angle {a['max_angle_deg']:.2f}°), "
+                                         f"mean cos² {a['mean_cos2']:.6f}, error / optimal {a['error_ratio']:.6f}")
+        speed = "" if m == "full" else f"  ({v['seconds']['full'] / t:4.1f}x faster)"
+        lines.append(f"  {m:<12} {t * 1e3:8.1f} ms{speed:<18}  {acc}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(format_bench_nullspace(bench_nullspace()))

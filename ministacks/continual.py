@@ -1,0 +1,222 @@
+"""Continual domains: the outer loop of Brainstacks (spec §4), with null-space projection (spec §5).
+
+    for domain d in curriculum order (chat → code → math → medical → reasoning):
+        if null-space and d is not the first:
+            V = directions the frozen stacks of earlier domains write into (randomized SVD, §5)
+            train d's stacks with their delta projected out of V: δ − (δV)Vᵀ
+        residual boosting rounds on d (train.py), each stack frozen and saved as soon as it is trained
+        forgetting row: validation loss of every domain seen so far, all stacks on (ungated)
+
+Everything needed to resume is on disk: one safetensors file + JSON per stack, the basis V of every
+domain, the round in progress (train.py checkpoints it), and `manifest.json`, updated after each step
+of the loop. Run the same command again after a kill and it continues where it stopped; the end result
+is the same as an uninterrupted run.
+
+The loss is the same everywhere (train.py's `example_loss`): round results, the forgetting matrix and
+the "zero forgetting in isolation" check all use it — the paper's Table 2 and forgetting matrix did not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .data import DOMAINS
+from .experiments import domain_data, ensure_base, prepared_base
+from .io import atomic_save_tensors, atomic_write_json, load_tensors
+from .nullspace import (attach_projection, build_basis, capacity_report, detach_projection, domain_bases,
+                        make_after_step, orthogonality_by_projection, singular_spectra, subspace_similarity)
+from .stacks import freeze_active, make_adapter, set_domain_weights
+from .store import load_all_stacks, new_manifest, read_manifest, save_stack, write_manifest
+from .train import boosting_stops, example_loss, train_round
+
+if TYPE_CHECKING:  # presets.py imports this module's config
+    from .presets import Preset
+
+
+@dataclass(frozen=True)
+class ContinualConfig:
+    domains: tuple[str, ...] = DOMAINS  # curriculum order (spec §4)
+    rounds: int = 2  # most boosting rounds per domain (paper: Gemma 2; TinyLlama up to 3)
+    steps: int | None = None  # steps per round; None = the preset's stack steps
+    nullspace: bool = True  # project new stacks out of earlier stacks' output directions
+    ns_k: int = 16  # directions per earlier domain (paper: 32 TinyLlama, 64 Gemma; our d_model is 256)
+    ns_examples: int = 200  # validation examples whose deltas define the directions (paper: 200 / 400)
+    ns_mode: str = "strict"  # "strict": also project each expert's B after every step; "reference": released code
+    ns_basis: str = "per_domain"  # "per_domain": K per earlier domain, united (paper); "sum": top-K of the sum (code)
+    ns_data: str = "previous"  # "previous": earlier domains' validation examples (paper); "new": the new domain's (code)
+
+
+def _replay_stop_rule(rounds: list[dict], preset: Preset) -> bool:
+    """Did the saved rounds of a domain already end its boosting loop?"""
+    prev = math.inf
+    for r, rec in enumerate(rounds):
+        if boosting_stops(r, prev, rec["best_loss"], preset.boost):
+            return True
+        prev = rec["best_loss"]
+    return len(rounds) >= preset.continual.rounds
+
+
+def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None, progress: bool = True) -> dict:
+    """Train every domain of `preset.continual` in order on the base in `out`; stacks and manifest in `run`.
+
+    `run` defaults to `out`. Returns the manifest (with the forgetting matrix)."""
+    out = Path(out)
+    run = Path(run) if run is not None else out
+    cc = preset.continual
+    domains = list(cc.domains)
+    unknown = [d for d in domains if d not in DOMAINS]
+    if unknown:
+        raise ValueError(f"unknown domain(s) {unknown}; choose from {', '.join(DOMAINS)}")
+    if cc.steps is not None:
+        preset = replace(preset, stack=replace(preset.stack, steps=cc.steps))
+    ensure_base(preset, out, progress)
+    model, tok = prepared_base(preset, out)
+    config = {"continual": asdict(cc), "stack": asdict(preset.stack), "adapter": asdict(preset.adapter),
+              "boost": asdict(preset.boost), "quant": preset.quant, "data": asdict(preset.data)}
+    config = json.loads(json.dumps(config))  # as it reads back from manifest.json (tuples become lists)
+    manifest = read_manifest(run)
+    if manifest is None:
+        manifest = new_manifest(model, tok, domains, config)
+        manifest["done"] = []
+        write_manifest(run, manifest)
+    elif manifest["config"] != config:
+        raise ValueError(f"{run} holds a run with a different configuration; use another --out, or delete it")
+    failed = load_all_stacks(run, model, manifest)
+    if failed:
+        raise RuntimeError(f"cannot resume {run}: stack file(s) {failed} are unreadable; delete them and their "
+                           "manifest entries, or start a new run")
+
+    data = {d: domain_data(preset, tok, d, preset.stack) for d in domains}  # (PackedExamples, ExampleSet)
+    ns_cfg = replace(preset.stack, max_val_examples=cc.ns_examples)  # the directions' own example count
+    ns_data = {d: domain_data(preset, tok, d, ns_cfg)[1] for d in domains} if cc.nullspace else {}
+    for i, domain in enumerate(domains):
+        if domain in manifest["done"]:
+            continue
+        t0 = time.time()
+        train, val = data[domain]
+        basis, after_step = None, None
+        earlier = domains[:i]
+        if cc.nullspace and earlier:
+            basis = build_basis(model, {d: ns_data[d] for d in earlier}, cc.ns_k, mode=cc.ns_basis,
+                                new_domain_data=ns_data[domain] if cc.ns_data == "new" else None)
+            atomic_save_tensors(run / "bases" / f"{domain}.safetensors", basis)  # stored: reproducible, inspectable
+            attach_projection(model, basis)
+            after_step = make_after_step(basis, cc.ns_mode)
+        rounds = [s for s in manifest["stacks"] if s["domain"] == domain]
+        r = len(rounds)
+        while not _replay_stop_rule(rounds, preset):
+            res = train_round(model, make_adapter("moe", preset.adapter), train, lambda: example_loss(model, val),
+                              preset.stack, progress=progress, desc=f"{domain} round {r + 1}",
+                              after_step=after_step, round_index=r, ckpt_dir=run / "round_in_progress")
+            freeze_active(model, domain)
+            record = {"domain": domain, "round": r + 1, **res.to_dict()}
+            save_stack(run, model, domain, r + 1, "moe", preset.adapter, meta=record)
+            manifest["stacks"].append(record)
+            write_manifest(run, manifest)  # the stack is on disk before the manifest names it
+            shutil.rmtree(run / "round_in_progress", ignore_errors=True)
+            rounds.append(record)
+            r += 1
+        detach_projection(model)  # frozen stacks run as they are stored (strict mode made them orthogonal)
+        set_domain_weights(model, None)
+        row = [example_loss(model, data[d][1]) if j <= i else None for j, d in enumerate(domains)]
+        manifest["forgetting"]["matrix"][i] = row
+        if basis is not None:
+            manifest.setdefault("capacity", {})[domain] = _mean(capacity_report(basis).values())
+        manifest["timings"][domain] = manifest["timings"].get(domain, 0.0) + time.time() - t0
+        manifest["done"].append(domain)
+        write_manifest(run, manifest)
+    atomic_write_json(run / "forgetting.json", manifest["forgetting"])
+    return manifest
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(1, len(values))
+
+
+def load_basis(run: str | Path, domain: str) -> dict[str, torch.Tensor]:
+    return load_tensors(Path(run) / "bases" / f"{domain}.safetensors")
+
+
+# -- what the figures show (the paper's Figures 8–10) ------------------------------------------------
+
+
+def subspace_analysis(preset: Preset, out: str | Path, run: str | Path | None = None) -> dict:
+    """Cross-domain similarity of the stacks' principal output subspaces, their singular-value spectra,
+    and how orthogonal each later domain's stacks are to the directions they were kept out of."""
+    out = Path(out)
+    run = Path(run) if run is not None else out
+    manifest = read_manifest(run)
+    if manifest is None:
+        raise FileNotFoundError(f"no trained run in {run}: run `python -m ministacks train --out {run}` first")
+    model, tok = prepared_base(preset, out)
+    load_all_stacks(run, model, manifest)
+    domains = [d for d in manifest["domains"] if d in manifest.get("done", [])]
+    cc = preset.continual
+    ns_cfg = replace(preset.stack, max_val_examples=cc.ns_examples)
+    data = {d: domain_data(preset, tok, d, ns_cfg)[1] for d in domains}
+    bases = domain_bases(model, data, cc.ns_k)
+    spectra = {d: singular_spectra(model, data[d], [d], k=cc.ns_k) for d in domains}
+    orth: dict[str, list[float]] = {}
+    for d in domains[1:]:
+        path = run / "bases" / f"{d}.safetensors"
+        if path.is_file():
+            for proj, v in orthogonality_by_projection(model, load_tensors(path), data[d], domain=d)["by_projection"].items():
+                orth.setdefault(proj, []).append(v)
+    return {
+        "domains": domains,
+        "similarity": subspace_similarity(bases).tolist(),
+        "spectra": {d: torch.stack(list(s.values())).mean(0).tolist() for d, s in spectra.items()},
+        "orthogonality": {p: _mean(v) for p, v in orth.items()},
+    }
+
+
+def train_stage(preset: Preset, out: str | Path, compare_nullspace: bool = False, progress: bool = True) -> dict:
+    """`train`: the continual run (or, with `compare_nullspace`, one run without and one with null-space
+    projection, in out/no_nullspace and out/nullspace), then forgetting.json / .png and subspaces.json / .png."""
+    from .plots import plot_forgetting, plot_subspaces
+
+    out = Path(out)
+    cc = preset.continual
+    if compare_nullspace:
+        runs = {}
+        for name, ns in (("without null-space", False), ("with null-space", True)):
+            folder = out / ("nullspace" if ns else "no_nullspace")
+            runs[name] = run_continual(replace(preset, continual=replace(cc, nullspace=ns)), out, folder,
+                                       progress)["forgetting"]
+        a, b = runs.values()
+        diff = [[None if x is None or y is None else y - x for x, y in zip(ra, rb)]
+                for ra, rb in zip(a["matrix"], b["matrix"])]
+        result = {"domains": a["domains"], "runs": runs, "difference": diff}
+        analysis_run = out / "nullspace"
+    else:
+        name = "with null-space" if cc.nullspace else "without null-space"
+        forgetting = run_continual(preset, out, out, progress)["forgetting"]
+        result = {"domains": forgetting["domains"], "runs": {name: forgetting}}
+        analysis_run = out
+    result["analysis"] = subspace_analysis(preset, out, analysis_run)
+    result["paper"] = PAPER_FORGETTING
+    atomic_write_json(out / "forgetting.json", result)
+    plot_forgetting(result["runs"], out / "forgetting.png")
+    a = result["analysis"]
+    plot_subspaces(a["similarity"], a["domains"], a["spectra"], a["orthogonality"], out / "subspaces.png")
+    return result
+
+
+# spec §5: TinyLlama, ungated validation loss, rows = after training, NoNS -> NS (curriculum chat, code,
+# medical, math as in the paper's own run)
+PAPER_FORGETTING = {
+    "domains": ["chat", "code", "medical", "math"],
+    "without null-space": [[None] * 4, [1.507, 0.788, None, None], [1.468, 0.814, 1.350, None],
+                           [1.839, 1.512, 2.066, 1.184]],
+    "with null-space": [[None] * 4, [1.477, 0.819, None, None], [1.453, 0.816, 1.234, None],
+                        [1.778, 1.452, 1.984, 1.041]],
+}
