@@ -6,16 +6,15 @@
     backward, grad clip, AdamW — as in `train_round`) is timed three ways, interleaved so that other
     processes on the cores slow all three alike:
         none     no projection
-        forward  δ − (δV)Vᵀ in every wrapped projection (the released code's reference mode)
+        forward  the active stack kept out of V in every wrapped projection (the released code's mode)
         strict   forward, plus B ← B − V(VᵀB) for every expert after the optimizer step (our default)
-    Expected cost, counting multiply-adds per token: the forward projection is 2·K·d_out per wrapped
-    projection, and as much again in backward (g ↦ g − (gV)Vᵀ). On this model that is 1.2M of a 13.3M
-    step (base forward and input-gradient backward, LM head, frozen stack, active stack): ~9%, because
-    K/d = 32/256 is large. At Gemma 3 12B's size (K = 64, d = 3840, d_ff = 15360) the base dominates and
-    the same count gives ~2.5%. Strict's B ← B − V(VᵀB) is once per step, not per token: ~free.
-    (The projection could be made ~free per token as well: δ P = s Σ g_i (P B_i) A_i x, so projecting
-    the E·r columns of B once per forward, d_out·K·E·r work, gives the same delta and the same gradients;
-    that needs a hook on the adapter's B, which StackedLinear's `project_active` on δ does not offer.)
+    How the forward projection is computed matters. Projecting every token's delta, δ − (δV)Vᵀ, costs
+    2·K·d_out multiply-adds per token and wrapped projection, and as much again in backward: on this
+    model ~9% of a step (measured +10.5%), because K/d = 32/256 is large. But δ is linear in each expert's
+    B, so δ(I − VVᵀ) = s Σ g_i (B_i − V VᵀB_i) A_i x: projecting the E·r columns of B once per forward
+    (d_out·K·E·r work, independent of the number of tokens) gives the same delta and the same gradients.
+    That is what StackedLinear does (the adapters' `out_basis`). Strict's B ← B − V(VᵀB) after the step
+    is once per step as well.
     The directions are random orthonormal V: the cost does not depend on which directions they are.
 
 (b) Randomized vs full SVD at Gemma's size: D [400, 3840] (n = 400 examples, d_out = 3840), k = 64,
@@ -74,7 +73,7 @@ def bench_step_overhead(batch_size: int = 16, seq_len: int = 256, k: int = 32, s
              if isinstance(m, StackedLinear)}
     train_mode(model, True)
     x = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
-    strict = lambda m: strict_project_(m, basis)  # noqa: E731
+    strict = lambda m: strict_project_(m, basis)
 
     times = {v: [] for v in VARIANTS}
     start = time.perf_counter()
@@ -88,7 +87,7 @@ def bench_step_overhead(batch_size: int = 16, seq_len: int = 256, k: int = 32, s
         if i >= 3 and time.perf_counter() - start > time_budget_s:
             break
     detach_projection(model)
-    median = lambda t: sorted(t)[len(t) // 2]  # noqa: E731
+    median = lambda t: sorted(t)[len(t) // 2]
     # the overhead as the median of each round's own ratio: a round's three steps run seconds apart, so
     # a busy spell of another process mostly hits all three, and the ratio survives it
     overhead = {v: median([a / b - 1 for a, b in zip(times[v], times["none"])]) for v in ("forward", "strict")}
@@ -117,7 +116,7 @@ def bench_svd(n: int = 400, d: int = 3840, k: int = 64, decay: float = 0.97, rep
             t0 = time.perf_counter()
             V[m] = f()
             times[m].append(time.perf_counter() - t0)
-    err = lambda V: float((D - D @ V @ V.T).norm())  # noqa: E731
+    err = lambda V: float((D - D @ V @ V.T).norm())
     acc = {}
     for m in ("randomized", "svd_lowrank"):
         cos = torch.linalg.svdvals(V[m].T @ V["full"])  # cosines of the principal angles
@@ -140,27 +139,30 @@ def format_bench_nullspace(d: dict) -> str:
     tok = s["batch_size"] * s["seq_len"]
     lines = [
         "Null-space projection: cost per stack-training step (fp32, forward + backward + AdamW)",
-        f"  model     {c['n_layer']} layers, d_model {c['d_model']}, vocab {c['vocab_size']}; one frozen + one "
-        f"active MoE-LoRA stack; K = {s['k']} directions per projection",
-        f"  batch     {s['batch_size']} x {s['seq_len']} tokens, {s['rounds']} interleaved rounds, "
-        f"{d['threads']} threads, medians",
+        (f"  model     {c['n_layer']} layers, d_model {c['d_model']}, vocab {c['vocab_size']}; one frozen + one "
+         f"active MoE-LoRA stack; K = {s['k']} directions per projection"),
+        (f"  batch     {s['batch_size']} x {s['seq_len']} tokens, {s['rounds']} interleaved rounds, "
+         f"{d['threads']} threads, medians"),
     ]
     names = {"none": "no projection", "forward": "forward projection (reference mode)",
              "strict": "forward + B projection after each step (strict)"}
     for v in VARIANTS:
         extra = "" if v == "none" else (f"  {s['overhead'][v]:+6.1%} (best-of: {s['best_overhead'][v]:+.1%})")
-        lines.append(f"  {names[v]:<50} {s['seconds'][v] * 1e3:7.0f} ms/step  {tok / s['seconds'][v]:8,.0f} tok/s{extra}")
+        sec = s["seconds"][v]
+        lines.append(f"  {names[v]:<50} {sec * 1e3:7.0f} ms/step  {tok / sec:8,.0f} tok/s{extra}")
     if max(s["spread"].values()) > 1.25:
         lines.append("  warning   median steps well above the fastest: the cores were busy; rerun on an idle machine")
     v = d["svd"]
-    lines += [f"Top-{v['k']} SVD of a [{v['n']}, {v['d']}] delta matrix (Gemma 3 12B's d_out; spectrum {v['decay']}^i), "
-              f"median of {v['reps']}:"]
+    lines.append(f"Top-{v['k']} SVD of a [{v['n']}, {v['d']}] delta matrix (Gemma 3 12B's d_out; "
+                 f"spectrum {v['decay']}^i), median of {v['reps']}:")
     for m, t in v["seconds"].items():
         a = v["accuracy"].get(m)
         acc = "exact" if a is None else (f"min cos {a['min_cos']:.6f} (max angle {a['max_angle_deg']:.2f}°), "
                                          f"mean cos² {a['mean_cos2']:.6f}, error / optimal {a['error_ratio']:.6f}")
         speed = "" if m == "full" else f"  ({v['seconds']['full'] / t:4.1f}x faster)"
         lines.append(f"  {m:<12} {t * 1e3:8.1f} ms{speed:<18}  {acc}")
+    lines.append(f"  (the k-th and (k+1)-th singular values differ by {1 / v['decay'] - 1:.0%}, so the last "
+                 f"directions are nearly interchangeable: the worst angle is large, the error stays near optimal)")
     return "\n".join(lines)
 
 

@@ -53,6 +53,13 @@ class AdapterOutput(NamedTuple):
     aux_loss: torch.Tensor  # scalar (0-dim) load-balance loss; exactly 0 for a plain LoRA
 
 
+def project_columns(B: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """B − V(VᵀB) for B [..., d_out, r] and orthonormal V [d_out, K]: B's columns without their V part.
+
+    Since δ = B(s·Ax) is linear in B, projecting B projects every token's delta: δ(I − VVᵀ) = (B − VVᵀB)(s·Ax)."""
+    return B - V @ (V.transpose(0, 1) @ B)  # [d_out, K] @ ([K, d_out] @ [..., d_out, r]) -> [..., d_out, r]
+
+
 def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = True) -> float:
     """s = lora_alpha / sqrt(r) (rsLoRA) or lora_alpha / r (plain LoRA)."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
@@ -82,11 +89,14 @@ class LoRA(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
-    def forward(self, x: torch.Tensor) -> AdapterOutput:
+    def forward(self, x: torch.Tensor, out_basis: torch.Tensor | None = None) -> AdapterOutput:
+        """`out_basis` V [d_out, K]: compute the delta with B − V(VᵀB), i.e. δ − (δV)Vᵀ (null-space projection,
+        nullspace.py) at the cost of one small [d_out, r] product instead of one per token."""
+        B = self.lora_B if out_basis is None else project_columns(self.lora_B, out_basis)
         # s is applied to the rank-r intermediate, not to the d_out-wide output: r multiplies per token
         # instead of d_out, and the product is the same
         h = F.linear(x, self.lora_A) * self.scaling  # [.., d_in] @ [d_in, r] -> [.., r]
-        delta = F.linear(h, self.lora_B)  # [.., r] @ [r, d_out] -> [.., d_out]
+        delta = F.linear(h, B)  # [.., r] @ [r, d_out] -> [.., d_out]
         return AdapterOutput(delta, x.new_zeros(()))
 
     def extra_repr(self) -> str:

@@ -75,7 +75,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .lora import AdapterOutput, lora_param_count, lora_scaling
+from .lora import AdapterOutput, lora_param_count, lora_scaling, project_columns
 
 ROUTINGS = ("top_k", "dense", "top_p")
 
@@ -183,8 +183,11 @@ class MoELoRA(nn.Module):
         eps = torch.randn_like(clean) if noise is None else noise.reshape(clean.shape)
         return clean + F.softplus(noise_logits) * eps
 
-    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None) -> AdapterOutput:
-        """x [..., d_in] -> AdapterOutput(delta [..., d_out], aux_loss []). `noise`: see `noisy_logits`."""
+    def forward(self, x: torch.Tensor, noise: torch.Tensor | None = None,
+                out_basis: torch.Tensor | None = None) -> AdapterOutput:
+        """x [..., d_in] -> AdapterOutput(delta [..., d_out], aux_loss []). `noise`: see `noisy_logits`.
+        `out_basis` V [d_out, K]: every expert's B becomes B_i − V(VᵀB_i), which projects the delta out of V
+        (null-space projection, nullspace.py) for d_out·K·N·r multiplies per forward instead of per token."""
         if x.shape[-1] != self.d_in:
             raise ValueError(f"MoELoRA expects inputs [..., {self.d_in}], got {tuple(x.shape)}")
         E, R = self.n_experts, self.r
@@ -205,7 +208,8 @@ class MoELoRA(nn.Module):
         # Scale expert i's r columns of h by s * g_i (zero for unselected experts): [T, E, R] * [T, E, 1]
         hg = (h.view(T, E, R) * (gates * self.scaling).unsqueeze(-1)).reshape(T, E * R)
         # B_1 .. B_N side by side, column block i = B_i: [E, O, R] -> [O, E*R] (a small copy of B)
-        B = self.lora_B.permute(1, 0, 2).reshape(self.d_out, E * R)
+        B = self.lora_B if out_basis is None else project_columns(self.lora_B, out_basis)  # [E, O, R]
+        B = B.permute(1, 0, 2).reshape(self.d_out, E * R)
         # T tokens, O d_out:  [T, E*R] @ [E*R, O] -> [T, O]
         delta = hg @ B.t()
         return AdapterOutput(delta.view(*lead, self.d_out), aux)

@@ -9,7 +9,7 @@ Before training domain d (not the first), for every wrapped projection (d_out ou
  3. while d trains, its stack's delta δ (a row vector per token) is projected onto their complement:
         δ ← δ (I − V Vᵀ) = δ − (δ V) Vᵀ        (two thin matmuls; the d_out × d_out P is never formed)
 
-    δ [T, d_out] ──► δ V [T, K] ──► (δ V) Vᵀ [T, d_out] ──► δ − (δ V) Vᵀ      (orthogonal to every column of V)
+    δ [T, d_out] ──► δ V [T, K] ──► (δ V) Vᵀ [T, d_out] ──► δ − (δ V) Vᵀ   (orthogonal to every column of V)
 
 Paper vs released code (defaults first; spec §5):
   data      previous domains' validation examples              | the new domain's examples (`new_domain_data`)
@@ -19,6 +19,7 @@ Paper vs released code (defaults first; spec §5):
   enforce   "strict": also B ← B − V(VᵀB) for every expert     | "reference": forward projection while training
             after every optimizer step: the stored stack        |   only; V is not stored, so the frozen stack
             itself writes nothing into V                        |   runs unprojected at inference and leaks
+  (the released code also skips the projection in eval-mode forwards: `attach_projection(training_only=True)`)
 
 Why the reference mode leaks. With the forward hook the gradient of each B_i is P (∂L/∂δ')(s g_i A_i x)ᵀ
 (P = I − VVᵀ), so its columns lie in the complement of V, and so does Adam's first moment, a sum of such
@@ -67,7 +68,7 @@ ENFORCEMENTS = ("strict", "reference")
 
 def randomized_svd(D: torch.Tensor, k: int, oversample: int = 8, n_iter: int = 2,
                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k SVD of D [n, d] ≈ U [n, k] · diag(S [k]) · V [d, k]ᵀ (Halko, Martinsson & Tropp 2011, alg. 4.4 + 5.1).
+    """Top-k SVD, D [n, d] ≈ U [n, k] · diag(S [k]) · V [d, k]ᵀ (Halko, Martinsson & Tropp 2011, alg. 4.4, 5.1).
 
     1. sketch the range of D with a Gaussian test matrix: Y = D Ω, Ω ∈ R^{d × (k+p)} (p = oversample)
     2. power iterations Y ← D (Dᵀ Y), re-orthonormalised by QR each half-step: they raise the spectrum
@@ -98,7 +99,8 @@ def randomized_svd(D: torch.Tensor, k: int, oversample: int = 8, n_iter: int = 2
 # -- step 1: the frozen stacks' deltas, through hooks ---------------------------------------------------
 
 
-def _selected_batches(data: ExampleSet, max_examples: int | None, pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _selected_batches(data: ExampleSet, max_examples: int | None,
+                      pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(x [b, T], real-token mask [b, T]) batches, with `max_examples` rows spread evenly over the set.
 
     An ExampleSet is sorted by length, so "the first n" would be the n shortest examples: evenly spaced
@@ -145,9 +147,8 @@ def _stacks_delta(layer: StackedLinear, x: torch.Tensor, domains: list[str] | No
         delta = layer.frozen_delta_loop(x)
     else:
         delta = None
-        for d in domains:
-            for adapter in layer.stacks[d] if d in layer.stacks else []:
-                delta = adapter(x).delta if delta is None else delta + adapter(x).delta
+        for adapter in (a for d in domains if d in layer.stacks for a in layer.stacks[d]):
+            delta = adapter(x).delta if delta is None else delta + adapter(x).delta
     if delta is None:
         raise ValueError(f"no frozen stack of {domains or 'any domain'} in this layer: freeze a stack first")
     return delta
@@ -177,10 +178,11 @@ def collect_deltas(model: nn.Module, data: ExampleSet, domains: list[str] | None
         for _, layer in layers:
             missing = [d for d in domains or [] if d not in layer.stacks]
             if missing:
-                raise ValueError(f"domain(s) {missing} have no frozen stack; the model's domains are {list(layer.stacks)}")
+                raise ValueError(f"domain(s) {missing} have no frozen stack; "
+                                 f"the model's domains are {list(layer.stacks)}")
         handles = [layer.register_forward_hook(record(name)) for name, layer in layers]
         try:
-            for x, mask in _selected_batches(data, max_examples, pad_id):
+            for x, mask in _selected_batches(data, max_examples, pad_id):  # rebinds the `mask` the hooks read
                 model(x)
         finally:
             for h in handles:
@@ -281,10 +283,14 @@ class Projection:
     def __init__(self, V: torch.Tensor, layer: StackedLinear | None = None):
         self.V, self.layer = V, layer  # layer is set only for training_only
 
+    def basis(self, training: bool) -> torch.Tensor | None:
+        """What StackedLinear asks: the directions to keep the active stack out of, or None (no projection)."""
+        return None if self.layer is not None and not training else self.V
+
     def __call__(self, delta: torch.Tensor) -> torch.Tensor:
-        if self.layer is not None and not self.layer.training:
-            return delta
-        return project_out(delta, self.V)
+        """The same projection applied to a delta directly (the obvious form, for tests and notebooks)."""
+        V = self.basis(self.layer.training if self.layer is not None else True)
+        return delta if V is None else project_out(delta, V)
 
     def __repr__(self) -> str:
         return f"Projection(K={self.V.shape[1]} of {self.V.shape[0]}, training_only={self.layer is not None})"
@@ -376,13 +382,13 @@ def layer_leakage(model: nn.Module, basis: dict[str, torch.Tensor], data: Exampl
             den[name] = den.get(name, 0.0) + float(delta.norm() ** 2)
         return hook
 
-    with _inference_configuration(model, hide_active=False) as layers:
+    with _inference_configuration(model, hide_active=False):
         named = _named_layers(model, basis)
         if domain is None and any(layer.active is None for _, layer, _ in named):
             raise ValueError("layer_leakage(domain=None) measures the active stack, but there is none")
         handles = [layer.register_forward_hook(measure(name, V)) for name, layer, V in named]
         try:
-            for x, mask in _selected_batches(data, max_examples, pad_id):
+            for x, mask in _selected_batches(data, max_examples, pad_id):  # rebinds the `mask` the hooks read
                 model(x)
         finally:
             for h in handles:
@@ -415,13 +421,15 @@ def subspace_similarity(bases: dict[str, dict[str, torch.Tensor]]) -> torch.Tens
 def singular_spectra(model: nn.Module, data: ExampleSet, domains: list[str] | None = None, k: int | None = None,
                      max_examples: int | None = None) -> dict[str, torch.Tensor]:
     """{layer name: singular values of D} (the first k, largest first): how many directions a stack uses."""
-    return {name: torch.linalg.svdvals(D)[:k] for name, D in collect_deltas(model, data, domains, max_examples).items()}
+    deltas = collect_deltas(model, data, domains, max_examples)
+    return {name: torch.linalg.svdvals(D)[:k] for name, D in deltas.items()}
 
 
 def orthogonality_by_projection(model: nn.Module, basis: dict[str, torch.Tensor], data: ExampleSet,
                                 domain: str | None = None, max_examples: int | None = None) -> dict[str, dict]:
     """How orthogonal a stack's delta is to the earlier basis, 1 − leakage, per layer index and per
-    projection type (q_proj, …, down_proj), each averaged over the other: {"by_layer": {i: ..}, "by_projection": {..}}."""
+    projection type (q_proj, …, down_proj), each averaged over the other:
+    {"by_layer": {layer index: ..}, "by_projection": {"q_proj": .., ...}}."""
     per = layer_leakage(model, basis, data, domain, max_examples)
     by_layer: dict[int, list[float]] = {}
     by_proj: dict[str, list[float]] = {}
@@ -429,5 +437,5 @@ def orthogonality_by_projection(model: nn.Module, basis: dict[str, torch.Tensor]
         idx = next((int(p) for p in name.split(".") if p.isdigit()), 0)  # "layers.3.self_attn.q_proj" -> 3
         by_layer.setdefault(idx, []).append(1 - leak)
         by_proj.setdefault(name.split(".")[-1], []).append(1 - leak)
-    mean = lambda d: {key: sum(v) / len(v) for key, v in d.items()}  # noqa: E731
+    mean = lambda d: {key: sum(v) / len(v) for key, v in d.items()}
     return {"by_layer": mean(by_layer), "by_projection": mean(by_proj)}

@@ -90,7 +90,9 @@ class StackedLinear(nn.Module):
         self.domain_weights: dict[str, float] | None = None  # None = ungated
         self.base_only = False
         self.use_fused = True  # fused multi-stack inference (the loop is the reference)
-        self.project_active: Callable[[torch.Tensor], torch.Tensor] | None = None  # null-space hook (issue 4)
+        # null-space projection of the active stack (nullspace.Projection): an object whose
+        # `basis(training)` gives V [d_out, K] or None; the adapter then writes nothing into V
+        self.project_active = None
         self.last_aux: torch.Tensor | None = None
         self._fused: FusedStacks | None = None
 
@@ -129,14 +131,16 @@ class StackedLinear(nn.Module):
         self.last_aux = None
         if self.base_only:
             return y
-        with torch.no_grad():  # frozen stacks never need gradients w.r.t. their own weights
-            frozen = self.frozen_delta(x) if len(self.stacks) else None
+        # no torch.no_grad() here: the frozen weights need no gradient (requires_grad is False), but the
+        # frozen deltas depend on x, and earlier layers' active stacks need the gradient through them
+        frozen = self.frozen_delta(x) if len(self.stacks) else None
         if frozen is not None:
             y = y + frozen
         if self.active is not None:
-            out = self.active(x)
-            delta = out.delta if self.project_active is None else self.project_active(out.delta)
-            y = y + delta
+            V = self.project_active.basis(self.training) if self.project_active is not None else None
+            # projecting B (not every token's delta) gives the same delta and gradients, far cheaper
+            out = self.active(x) if V is None else self.active(x, out_basis=V)
+            y = y + out.delta
             self.last_aux = out.aux_loss
         return y
 

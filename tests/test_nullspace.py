@@ -87,7 +87,7 @@ def test_power_iterations_matter_on_a_slowly_decaying_spectrum():
     W = torch.linalg.qr(torch.randn(300, 300, generator=g)).Q
     s = 1.0 / torch.arange(1, 301).float() ** 0.5  # no gap: the sketch alone mixes in the tail
     D = U[:, :300] @ torch.diag(s) @ W.T
-    err = lambda V: (D - D @ V @ V.T).norm() / (D - D @ W[:, :20] @ W[:, :20].T).norm()  # noqa: E731
+    err = lambda V: (D - D @ V @ V.T).norm() / (D - D @ W[:, :20] @ W[:, :20].T).norm()
     V0 = randomized_svd(D, 20, n_iter=0, generator=torch.Generator().manual_seed(1))[2]
     V4 = randomized_svd(D, 20, n_iter=4, generator=torch.Generator().manual_seed(1))[2]
     assert err(V4) < err(V0)  # closer to the optimal rank-20 error (ratio 1)

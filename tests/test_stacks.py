@@ -190,3 +190,43 @@ def test_adapters_are_what_the_factory_says():
     assert all(isinstance(layer.active, MoELoRA) for layer in stacked_layers(model))
     with pytest.raises(ValueError, match="unknown adapter kind"):
         make_adapter("mlp")
+
+
+class _Reference(nn.Module):
+    """The obvious form of a stacked projection: base + Σ frozen + active, every term in autograd."""
+
+    def __init__(self, layer: StackedLinear):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        y = self.layer.base_layer(x)
+        for stack in self.layer.stacks.values():
+            for adapter in stack:
+                y = y + adapter(x).delta
+        return y + self.layer.active(x).delta
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_gradients_flow_through_frozen_stacks_to_earlier_layers(fused):
+    """The active stack of layer 0 feeds layer 1, whose frozen stacks depend on their input: the
+    gradient must include that path (computing frozen deltas under no_grad would silently drop it)."""
+    model = _stacked()
+    add_stack(model, make_adapter("moe"))
+    _perturb_active(model, std=0.1)
+    train_mode(model, False)  # no routing noise: both forms must compute the same function
+    for layer in stacked_layers(model):
+        layer.use_fused = fused
+    x = torch.randint(0, 97, (2, 16))
+    model(x, labels=x).loss.backward()
+    grads = [p.grad.clone() for p in active_parameters(model)]
+    for p in active_parameters(model):
+        p.grad = None
+    # the same model with every StackedLinear replaced by the obvious reference
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, StackedLinear):
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(parent, name.rsplit(".", 1)[1], _Reference(mod))
+    model(x, labels=x).loss.backward()
+    for g, p in zip(grads, [p for m in model.modules() if isinstance(m, _Reference) for p in m.layer.active.parameters()]):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
