@@ -187,21 +187,25 @@ def train_stage(preset: Preset, out: str | Path, compare_nullspace: bool = False
     out = Path(out)
     cc = preset.continual
     if compare_nullspace:
-        runs = {}
+        runs, capacity = {}, {}
         for name, ns in (("without null-space", False), ("with null-space", True)):
             folder = out / ("nullspace" if ns else "no_nullspace")
-            runs[name] = run_continual(replace(preset, continual=replace(cc, nullspace=ns)), out, folder,
-                                       progress)["forgetting"]
+            manifest = run_continual(replace(preset, continual=replace(cc, nullspace=ns)), out, folder, progress)
+            runs[name] = manifest["forgetting"]
+            capacity.update(manifest.get("capacity", {}))
         a, b = runs.values()
         diff = [[None if x is None or y is None else y - x for x, y in zip(ra, rb)]
                 for ra, rb in zip(a["matrix"], b["matrix"])]
-        result = {"domains": a["domains"], "runs": runs, "difference": diff}
+        # "matrix" is the null-space run's; both runs and their difference beside it
+        result = {"domains": a["domains"], "matrix": b["matrix"], "runs": runs, "difference": diff}
         analysis_run = out / "nullspace"
     else:
         name = "with null-space" if cc.nullspace else "without null-space"
-        forgetting = run_continual(preset, out, out, progress)["forgetting"]
-        result = {"domains": forgetting["domains"], "runs": {name: forgetting}}
+        manifest = run_continual(preset, out, out, progress)
+        forgetting, capacity = manifest["forgetting"], manifest.get("capacity", {})
+        result = {"domains": forgetting["domains"], "matrix": forgetting["matrix"], "runs": {name: forgetting}}
         analysis_run = out
+    result["capacity"] = capacity  # per domain: protected directions as a share of d_out, mean over projections
     result["analysis"] = subspace_analysis(preset, out, analysis_run)
     result["paper"] = PAPER_FORGETTING
     atomic_write_json(out / "forgetting.json", result)

@@ -64,8 +64,9 @@ QUICK = Preset(
     pretrain=PretrainConfig(steps=160, eval_every=20, ckpt_every=20),
     stack=StackTrainConfig(steps=40, batch_size=8, lr=1e-3, warmup_steps=8, eval_every=10, max_val_examples=64),
     boost=BoostConfig(max_rounds=3),
-    # 5 domains x 2 rounds x 30 steps, twice (with and without null-space) in the demo
-    continual=ContinualConfig(rounds=2, steps=30, ns_k=16, ns_examples=64),
+    # 5 domains x 1 round x 30 steps, twice (with and without null-space) in the demo: every frozen stack
+    # is in the forward and backward pass of later training, so the continual runs dominate the demo's time
+    continual=ContinualConfig(rounds=1, steps=30, ns_k=16, ns_examples=64),
 )
 
 PAPER = Preset(
@@ -75,7 +76,8 @@ PAPER = Preset(
     model=ModelConfig(n_layer=6, d_model=384, n_head=6, n_kv_head=2, max_seq_len=256),
     pretrain=PretrainConfig(steps=600, lr=1.5e-3, warmup_steps=40, eval_every=50, ckpt_every=50),
     stack=StackTrainConfig(steps=200, batch_size=16, lr=1e-3, warmup_steps=40, eval_every=25),
-    continual=ContinualConfig(rounds=3, ns_k=32, ns_examples=200),  # the paper's TinyLlama setting: n=200, K=32
+    # the paper's TinyLlama null-space setting (n=200, K=32) and Gemma's 2 rounds per domain
+    continual=ContinualConfig(rounds=2, steps=120, ns_k=32, ns_examples=200),
 )
 
 PRESETS = {p.name: p for p in (SMOKE, QUICK, PAPER)}

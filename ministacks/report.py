@@ -123,6 +123,10 @@ def forgetting_section(f: dict) -> str:
     for d, a, b in zip(p["domains"], p["without null-space"], p["with null-space"]):
         cells = ["–" if x is None else f"{x:.3f} → {y:.3f}" for x, y in zip(a, b)]
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    if f.get("capacity"):
+        lines += ["", "Directions protected while training each domain, as a share of a projection's outputs "
+                  "(mean over projections; the paper's capacity argument: each domain claims 64 of 3840 on Gemma): "
+                  + ", ".join(f"{d} {v:.1%}" for d, v in f["capacity"].items()) + "."]
     lines += ["", "![forgetting matrices](forgetting.png)", "",
               "Principal output subspaces of each domain's stacks: cross-domain similarity, singular-value spectra, "
               "and how orthogonal later stacks are to the directions they were kept out of:", "",

@@ -21,6 +21,7 @@ def test_demo_writes_a_report_with_every_stage(demo_dir):
     for figure in ("pretrain_loss.png", "compare.png", "boost.png"):
         assert f"]({figure})" in report and (demo_dir / figure).stat().st_size > 10_000
     assert "unigram entropy" in report
+    assert "## Continual domains and null-space projection" in report and "](forgetting.png)" in report
 
 
 def test_compare_json_has_both_arms_on_the_4bit_base(demo_dir):
@@ -55,3 +56,19 @@ def test_user_errors_are_one_clear_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--preset", "huge", "--out", str(tmp_path)])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_demo_forgetting_json_has_both_runs_and_their_difference(demo_dir):
+    f = json.loads((demo_dir / "forgetting.json").read_text())
+    assert set(f["runs"]) == {"with null-space", "without null-space"}
+    n = len(f["domains"])
+    assert len(f["matrix"]) == n and len(f["difference"]) == n
+    with_ns, without = f["runs"]["with null-space"]["matrix"], f["runs"]["without null-space"]["matrix"]
+    assert f["matrix"] == with_ns
+    for i in range(n):
+        for j in range(n):
+            if j <= i:
+                assert f["difference"][i][j] == pytest.approx(with_ns[i][j] - without[i][j])
+            else:
+                assert f["difference"][i][j] is None
+    assert (demo_dir / "subspaces.png").stat().st_size > 10_000
