@@ -105,9 +105,15 @@ def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None
         basis, after_step = None, None
         earlier = domains[:i]
         if cc.nullspace and earlier:
-            basis = build_basis(model, {d: ns_data[d] for d in earlier}, cc.ns_k, mode=cc.ns_basis,
-                                new_domain_data=ns_data[domain] if cc.ns_data == "new" else None)
-            atomic_save_tensors(run / "bases" / f"{domain}.safetensors", basis)  # stored: reproducible, inspectable
+            basis_file = run / "bases" / f"{domain}.safetensors"
+            if basis_file.is_file():
+                # resuming: the stored basis, not a new one — the domain's own saved rounds now change the
+                # inputs of later layers, so directions recomputed now would differ from those trained with
+                basis = load_tensors(basis_file)
+            else:
+                basis = build_basis(model, {d: ns_data[d] for d in earlier}, cc.ns_k, mode=cc.ns_basis,
+                                    new_domain_data=ns_data[domain] if cc.ns_data == "new" else None)
+                atomic_save_tensors(basis_file, basis)  # stored before any round: reproducible, inspectable
             attach_projection(model, basis)
             after_step = make_after_step(basis, cc.ns_mode)
         rounds = [s for s in manifest["stacks"] if s["domain"] == domain]

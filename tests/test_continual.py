@@ -73,7 +73,9 @@ def test_a_run_killed_mid_round_resumes_to_the_same_stacks(base, tmp_path, monke
             if inner is not None:
                 inner(model)
             calls["steps"] += 1
-            if calls["steps"] == 6 + 6 + 3:  # chat's two rounds done, code's first round half way
+            # chat's two rounds and code's first done and saved, code's second half way: the resumed run must
+            # keep training code with the basis it started with, although code_r01 now changes later layers' inputs
+            if calls["steps"] == 6 + 6 + 6 + 3:
                 raise Killed
 
         kwargs["after_step"] = after_step
