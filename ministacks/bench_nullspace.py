@@ -34,8 +34,8 @@ import torch
 from .bench import keep_freed_memory
 from .model import ModelConfig, Transformer
 from .nullspace import attach_projection, detach_projection, randomized_svd, strict_project_
-from .stacks import StackedLinear, add_stack, aux_loss, freeze_active, inject_stacks, make_adapter, train_mode
-from .train import StackTrainConfig
+from .stacks import StackedLinear, add_stack, freeze_active, inject_stacks, make_adapter, train_mode
+from .train import StackTrainConfig, stack_step
 
 VARIANTS = ("none", "forward", "strict")
 
@@ -43,13 +43,7 @@ VARIANTS = ("none", "forward", "strict")
 def _train_step(model, params, opt, x, cfg: StackTrainConfig, after_step=None) -> float:
     """One step of `train_round`'s loop (without its bookkeeping); returns its wall-clock seconds."""
     t0 = time.perf_counter()
-    loss = model(x, labels=x).loss + cfg.aux_weight * aux_loss(model)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    opt.step()
-    if after_step is not None:
-        after_step(model)
+    stack_step(model, params, opt, x, x, cfg, after_step)
     return time.perf_counter() - t0
 
 

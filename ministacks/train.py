@@ -192,6 +192,22 @@ def _unflatten(prefix: str, tensors: dict[str, torch.Tensor], n_layers: int) -> 
     return snap
 
 
+def stack_step(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor, cfg: StackTrainConfig,
+               after_step: Callable[[nn.Module], None] | None = None) -> torch.Tensor:
+    """One optimizer step on the active stack: loss = CE + λ·Σ L_aux, clip, AdamW, then `after_step`.
+    Returns the task loss (CE alone)."""
+    task = model(x, labels=y).loss
+    loss = task + cfg.aux_weight * aux_loss(model)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    if after_step is not None:
+        after_step(model)
+    return task
+
+
 def train_round(
     model: nn.Module,
     make_adapter: Callable[[int, int], nn.Module],
@@ -242,14 +258,7 @@ def train_round(
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_factor(step, cfg)
         x, y = train.batch(step, cfg.batch_size, cfg.seed)
-        task = model(x, labels=y).loss
-        loss = task + cfg.aux_weight * aux_loss(model)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        if after_step is not None:
-            after_step(model)
+        task = stack_step(model, params, opt, x, y, cfg, after_step)
         seconds += time.perf_counter() - t0
         result.steps_run = step + 1
         bar.set_postfix(loss=f"{task.item():.3f}", best=f"{result.best_loss:.3f}")
