@@ -61,7 +61,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
+from safetensors.torch import load as safetensors_from_bytes
+from safetensors.torch import save as safetensors_to_bytes
 import torch
 import torch.nn as nn
 
@@ -202,7 +203,7 @@ def save_stack(run: str | Path, model: nn.Module, domain: str, round: int, kind:
 
     fingerprint = base_fingerprint(model)
     header = {"format": STACK_FORMAT, "name": name, "base_fingerprint": fingerprint}  # the file names itself
-    data = safetensors.torch.save(tensors, metadata=header)
+    data = safetensors_to_bytes(tensors, metadata=header)
     atomic_write_bytes(tensor_path, data)  # 1. the tensors
 
     record = {
@@ -263,7 +264,7 @@ def _read_tensors(tensor_path: Path, record: dict[str, Any]) -> dict[str, torch.
         raise StackFileError(tensor_path, "corrupted: sha256 of the file does not match its record. "
                                           "Retrain this stack or restore the file from a backup")
     try:
-        return safetensors.torch.load(data)
+        return safetensors_from_bytes(data)
     except Exception as e:  # safetensors raises its own error types; say it in words
         raise StackFileError(tensor_path, f"corrupted: not a readable safetensors file ({e})") from None
 
