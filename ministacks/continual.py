@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .data import DOMAINS
-from .experiments import domain_data, ensure_base, prepared_base
+from .experiments import domain_data, domain_val, ensure_base, prepared_base
 from .io import atomic_save_tensors, atomic_write_json, load_tensors
 from .nullspace import (attach_projection, build_basis, capacity_report, detach_projection, domain_bases,
                         make_after_step, orthogonality_by_projection, singular_spectra, subspace_similarity)
@@ -96,7 +96,7 @@ def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None
 
     data = {d: domain_data(preset, tok, d, preset.stack) for d in domains}  # (PackedExamples, ExampleSet)
     ns_cfg = replace(preset.stack, max_val_examples=cc.ns_examples)  # the directions' own example count
-    ns_data = {d: domain_data(preset, tok, d, ns_cfg)[1] for d in domains} if cc.nullspace else {}
+    ns_data = {d: domain_val(preset, tok, d, ns_cfg) for d in domains} if cc.nullspace else {}
     for i, domain in enumerate(domains):
         if domain in manifest["done"]:
             continue
@@ -168,7 +168,7 @@ def subspace_analysis(preset: Preset, out: str | Path, run: str | Path | None = 
     domains = [d for d in manifest["domains"] if d in manifest.get("done", [])]
     cc = preset.continual
     ns_cfg = replace(preset.stack, max_val_examples=cc.ns_examples)
-    data = {d: domain_data(preset, tok, d, ns_cfg)[1] for d in domains}
+    data = {d: domain_val(preset, tok, d, ns_cfg) for d in domains}
     bases = domain_bases(model, data, cc.ns_k)
     spectra = {d: singular_spectra(model, data[d], [d], k=cc.ns_k) for d in domains}
     orth: dict[str, list[float]] = {}

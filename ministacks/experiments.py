@@ -55,11 +55,15 @@ def prepared_base(preset: Preset, out: Path):
     return model, tok
 
 
+def domain_val(preset: Preset, tok, domain: str, cfg) -> ExampleSet:
+    """The domain's first `cfg.max_val_examples` validation examples, tokenised for `example_loss`."""
+    return ExampleSet(tok, load_split(domain, "val", preset.data)[: cfg.max_val_examples], cfg.completion_only,
+                      max_len=cfg.seq_len, batch_size=cfg.eval_batch_size)
+
+
 def domain_data(preset: Preset, tok, domain: str, cfg) -> tuple[PackedExamples, ExampleSet]:
     train = PackedExamples(tok, load_split(domain, "train", preset.data), cfg.completion_only, cfg.seq_len)
-    val = ExampleSet(tok, load_split(domain, "val", preset.data)[: cfg.max_val_examples], cfg.completion_only,
-                     max_len=cfg.seq_len, batch_size=cfg.eval_batch_size)
-    return train, val
+    return train, domain_val(preset, tok, domain, cfg)
 
 
 def run_compare(preset: Preset, out: str | Path, progress: bool = True, domain: str = "chat") -> dict:

@@ -155,6 +155,22 @@ def _stacks_delta(layer: StackedLinear, x: torch.Tensor, domains: list[str] | No
 
 
 @torch.no_grad()
+def _run_with_hooks(model: nn.Module, hooks: list[tuple[StackedLinear, Callable]], data: ExampleSet,
+                    max_examples: int | None, pad_id: int) -> None:
+    """Run the model over `data`; each `fn(layer, x [b, T, d_in], mask [b, T] of real tokens)` sees its
+    layer's input on every batch. The hooks are removed whatever happens."""
+    batch_mask: dict[str, torch.Tensor] = {}
+    handles = [layer.register_forward_hook(lambda lay, inputs, output, fn=fn: fn(lay, inputs[0], batch_mask["m"]))
+               for layer, fn in hooks]
+    try:
+        for x, mask in _selected_batches(data, max_examples, pad_id):
+            batch_mask["m"] = mask
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def collect_deltas(model: nn.Module, data: ExampleSet, domains: list[str] | None = None,
                    max_examples: int | None = None, pad_id: int = PAD_ID) -> dict[str, torch.Tensor]:
     """D [n, d_out] per StackedLinear (keyed by module name): row i = the chosen frozen stacks' summed
@@ -165,11 +181,10 @@ def collect_deltas(model: nn.Module, data: ExampleSet, domains: list[str] | None
     feeding each layer do not depend on which deltas are recorded, and the records are additive:
     collect(["a"]) + collect(["b"]) = collect(None) when a and b are the only domains."""
     rows: dict[str, list[torch.Tensor]] = {}
-    mask = None  # [b, T] of the batch in flight, read by the hooks
 
     def record(name: str) -> Callable:
-        def hook(layer: StackedLinear, inputs: tuple, output: torch.Tensor) -> None:
-            delta = _stacks_delta(layer, inputs[0], domains)  # [b, T, d_out]
+        def hook(layer: StackedLinear, x: torch.Tensor, mask: torch.Tensor) -> None:
+            delta = _stacks_delta(layer, x, domains)  # [b, T, d_out]
             m = mask.unsqueeze(-1).to(delta.dtype)  # [b, T, 1]
             rows.setdefault(name, []).append((delta * m).sum(1) / m.sum(1).clamp_min(1))  # [b, d_out]
         return hook
@@ -180,13 +195,7 @@ def collect_deltas(model: nn.Module, data: ExampleSet, domains: list[str] | None
             if missing:
                 raise ValueError(f"domain(s) {missing} have no frozen stack; "
                                  f"the model's domains are {list(layer.stacks)}")
-        handles = [layer.register_forward_hook(record(name)) for name, layer in layers]
-        try:
-            for x, mask in _selected_batches(data, max_examples, pad_id):  # rebinds the `mask` the hooks read
-                model(x)
-        finally:
-            for h in handles:
-                h.remove()
+        _run_with_hooks(model, [(layer, record(name)) for name, layer in layers], data, max_examples, pad_id)
     if not rows:
         raise ValueError("collect_deltas: no examples in the data")
     return {name: torch.cat(r) for name, r in rows.items()}
@@ -368,11 +377,10 @@ def layer_leakage(model: nn.Module, basis: dict[str, torch.Tensor], data: Exampl
     (through `project_active` when one is attached)."""
     num: dict[str, float] = {}
     den: dict[str, float] = {}
-    mask = None
 
     def measure(name: str, V: torch.Tensor) -> Callable:
-        def hook(layer: StackedLinear, inputs: tuple, output: torch.Tensor) -> None:
-            x = inputs[0][mask]  # [T_real, d_in]
+        def hook(layer: StackedLinear, x: torch.Tensor, mask: torch.Tensor) -> None:
+            x = x[mask]  # [T_real, d_in]
             if domain is None:
                 delta = layer.active(x).delta
                 delta = delta if layer.project_active is None else layer.project_active(delta)
@@ -386,13 +394,7 @@ def layer_leakage(model: nn.Module, basis: dict[str, torch.Tensor], data: Exampl
         named = _named_layers(model, basis)
         if domain is None and any(layer.active is None for _, layer, _ in named):
             raise ValueError("layer_leakage(domain=None) measures the active stack, but there is none")
-        handles = [layer.register_forward_hook(measure(name, V)) for name, layer, V in named]
-        try:
-            for x, mask in _selected_batches(data, max_examples, pad_id):  # rebinds the `mask` the hooks read
-                model(x)
-        finally:
-            for h in handles:
-                h.remove()
+        _run_with_hooks(model, [(layer, measure(name, V)) for name, layer, V in named], data, max_examples, pad_id)
     return {name: (num[name] / den[name]) ** 0.5 if den[name] > 0 else 0.0 for name in num}
 
 

@@ -7,7 +7,7 @@ import torch
 
 import ministacks.continual as continual
 from ministacks.continual import run_continual
-from ministacks.experiments import domain_data, ensure_base, prepared_base
+from ministacks.experiments import domain_val, ensure_base, prepared_base
 from ministacks.presets import SMOKE
 from ministacks.stacks import set_domain_weights, stacked_layers
 from ministacks.store import load_all_stacks, read_manifest
@@ -49,7 +49,7 @@ def test_zero_forgetting_in_isolation(base, tmp_path):
     domains = m["domains"]
     for i, d in enumerate(domains):
         set_domain_weights(model, {e: 1.0 for e in domains[: i + 1]})
-        _, val = domain_data(preset, tok, d, preset.stack)
+        val = domain_val(preset, tok, d, preset.stack)
         recorded = [s for s in m["stacks"] if s["domain"] == d][-1]["best_loss"]
         assert example_loss(model, val) == pytest.approx(recorded, abs=2e-4)
         assert m["forgetting"]["matrix"][i][i] == pytest.approx(recorded, abs=2e-4)  # the diagonal is the same thing
