@@ -6,7 +6,11 @@
     boost      residual boosting rounds on chat until the stop rule
     data       build the domain corpora (cached) and print their sizes
     train      continual domains in curriculum order, null-space projection, forgetting matrices
-    bench      speed measurements: `bench pretrain`, `bench moe`, `bench nf4`, `bench nullspace`
+    route      train the meta-router of a trained run (outcome-based targets)
+    eval       base / ungated / routed: test loss and task accuracy per domain
+    generate   answer one prompt with a trained run (routed, or any mode / weights)
+    chat       interactive: route, generate, force weights, compare the three modes
+    bench      speed measurements: `bench pretrain`, `bench moe`, `bench nf4`, `bench nullspace`, `bench route`
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ def _add_common(p: argparse.ArgumentParser, default_out: str | None) -> None:
 
 def cmd_demo(args) -> int:
     from .continual import train_stage
+    from .evaluate import eval_stage
     from .experiments import run_boost, run_compare
     from .pipeline import stage_pretrain
-    from .report import boost_section, compare_section, data_section, forgetting_section, pretrain_section, write_report
+    from .report import (boost_section, compare_section, data_section, eval_section, forgetting_section,
+                         pretrain_section, router_section, write_report)
+    from .routing import route_stage
 
     preset, out, progress = get_preset(args.preset), Path(args.out), not args.no_progress
     t0 = time.time()
@@ -40,6 +47,9 @@ def cmd_demo(args) -> int:
     compare = run_compare(replace(preset, quant="nf4"), out, progress=progress)  # Exp 1 is on the 4-bit base
     boost = run_boost(preset, out, progress=progress)
     forgetting = train_stage(preset, out, compare_nullspace=True, progress=progress)
+    run = out / "nullspace"  # the router and the evaluation work on the run with null-space projection
+    router = route_stage(run, preset.name, progress=progress)
+    evaluation = eval_stage(run, preset.name, progress=progress)
     sections = [
         f"Preset `{preset.name}`; run folder `{out}`; {time.time() - t0:.0f} s for this invocation.\n",
         data_section(summary["data"]),
@@ -47,6 +57,8 @@ def cmd_demo(args) -> int:
         compare_section(compare),
         boost_section(boost),
         forgetting_section(forgetting),
+        router_section(router, f"{run.name}/router.png"),
+        eval_section(evaluation, f"{run.name}/eval.png"),
     ]
     path = write_report(out, sections, title="ministacks demo report")
     print(f"\nvalidation loss {summary['val_loss']:.3f} (unigram entropy {summary['unigram_entropy']:.3f})")
@@ -108,6 +120,102 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_route(args) -> int:
+    from .routing import route_stage
+
+    r = route_stage(args.run, args.preset, progress=not args.no_progress)
+    print(f"router: single top-1 {r['single_top1']:.3f}, mixed set match {r['mixed_set_match']:.3f}, "
+          f"val BCE {r['val_bce']:.3f} (epoch {r['best_epoch']} kept; {r['params']:,} parameters)")
+    print("oracle's best stack combination, share of each domain's prompts:")
+    for d, o in r["oracle"].items():
+        print(f"  {d:10s} " + ", ".join(f"{c} {v:.0%}" for c, v in list(o["shares"].items())[:4]))
+    print(f"wrote {Path(r['files']['router'])} and {Path(r['files']['json'])}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import eval_stage
+    from .report import eval_table
+
+    e = eval_stage(args.run, args.preset, progress=not args.no_progress)
+    print("\n".join(eval_table(e)))
+    print(f"wrote {e['files']['json']}")
+    return 0
+
+
+def _answer(sr, text: str, mode, max_new_tokens: int) -> None:
+    from .inference import describe_weights
+
+    gen = sr.generate(text, mode, max_new_tokens=max_new_tokens)
+    label = mode if isinstance(mode, str) else "forced"
+    print(f"[{label}: {describe_weights(gen['weights'])}]\n{gen['completion'].strip()}\n")
+
+
+def cmd_generate(args) -> int:
+    from .inference import MODES, StackedRun, parse_weights
+
+    sr = StackedRun(args.run, args.preset, router=args.mode in ("routed", "compare") and not args.weights)
+    if args.weights:
+        _answer(sr, args.prompt, parse_weights(args.weights), args.max_new_tokens)
+    else:
+        for mode in MODES if args.mode == "compare" else (args.mode,):
+            _answer(sr, args.prompt, mode, args.max_new_tokens)
+    return 0
+
+
+CHAT_HELP = """commands:
+  /route TEXT     show the router's probabilities and weights for TEXT, without generating
+  /compare TEXT   answer TEXT in every mode: base, ungated, routed
+  /force W        answer with fixed weights from now on, e.g. /force chat=1,math=0.5 (/force off: route again)
+  /mode M         answer in mode M from now on: routed (default), base or ungated
+  /help, /quit"""
+
+
+def cmd_chat(args) -> int:
+    from .inference import MODES, StackedRun, describe_weights, parse_weights
+
+    sr = StackedRun(args.run, args.preset)
+    mode: str | dict = "routed" if sr.router is not None else "ungated"
+    print(f"run {sr.paths.run}: stacks for {', '.join(sr.domains)}; "
+          + ("router loaded" if sr.router is not None else "no router yet (`route` first): ungated") + ".")
+    print(CHAT_HELP)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not line:
+            continue
+        cmd, _, rest = line.partition(" ")
+        try:
+            if cmd in ("/quit", "/exit"):
+                return 0
+            elif cmd == "/help":
+                print(CHAT_HELP)
+            elif cmd == "/route":
+                r = sr.route(rest)
+                print("p: " + ", ".join(f"{d} {p:.2f}" for d, p in r["probs"].items()))
+                print(f"weights: {describe_weights(r['weights'])}")
+            elif cmd == "/compare":
+                for m in MODES:
+                    _answer(sr, rest, m, args.max_new_tokens)
+            elif cmd == "/force":
+                mode = "routed" if rest.strip() == "off" else parse_weights(rest)
+                print(f"now answering with {mode if isinstance(mode, str) else describe_weights(mode)}")
+            elif cmd == "/mode":
+                if rest.strip() not in MODES:
+                    raise ValueError(f"unknown mode {rest.strip()!r}: use one of {', '.join(MODES)}")
+                mode = rest.strip()
+                print(f"now answering in mode {mode}")
+            elif cmd.startswith("/"):
+                print(f"unknown command {cmd}; /help lists them")
+            else:
+                _answer(sr, line, mode, args.max_new_tokens)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}")
+
+
 def cmd_data(args) -> int:
     from .pipeline import stage_data
 
@@ -124,6 +232,10 @@ def cmd_bench(args) -> int:
         from .bench_moe import bench_moe, format_bench_moe
 
         result, text = bench_moe(), format_bench_moe
+    elif args.what == "route":
+        from .bench_route import bench_route, format_bench_route
+
+        result, text = bench_route(), format_bench_route
     elif args.what == "nullspace":
         from .bench_nullspace import bench_nullspace, format_bench_nullspace
 
@@ -177,15 +289,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=["none", "nf4"], default=None, help="base precision (default: the preset's)")
     p.set_defaults(func=cmd_train)
 
+    def add_run(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--run", default="runs/demo",
+                       help="a trained run: the folder `train --out` or `demo --out` wrote (default: runs/demo)")
+        p.add_argument("--preset", choices=list(PRESETS), default=None,
+                       help="the preset the run was trained with (default: recognised from the run)")
+
+    p = sub.add_parser("route", help="train the meta-router of a trained run")
+    add_run(p)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_route)
+
+    p = sub.add_parser("eval", help="base / ungated / routed: test loss and task accuracy per domain")
+    add_run(p)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="answer one prompt with a trained run")
+    add_run(p)
+    p.add_argument("--prompt", required=True, help="the prompt (it is put into the Alpaca template)")
+    p.add_argument("--mode", choices=["routed", "base", "ungated", "compare"], default="routed",
+                   help="routed (default): the router's weights; compare: all three modes one after another")
+    p.add_argument("--weights", help="fixed weights instead of a mode, e.g. chat=1,math=0.5")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive: routed answers, /route, /compare, /force weights")
+    add_run(p)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.set_defaults(func=cmd_chat)
+
     p = sub.add_parser("data", help="build the domain corpora and print their sizes")
     _add_common(p, None)
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("bench", help="speed measurements")
-    p.add_argument("what", choices=["pretrain", "moe", "nf4", "nullspace"],
+    p.add_argument("what", choices=["pretrain", "moe", "nf4", "nullspace", "route"],
                    help="pretrain: training tokens/s and model-FLOPs utilisation; moe: MoE-LoRA vs LoRA vs the "
                         "released code's dense form; nf4: 4-bit vs fp32 base; nullspace: the projection's "
-                        "step-time overhead and randomized vs full SVD")
+                        "step-time overhead and randomized vs full SVD; route: base vs ungated (fused and "
+                        "stack by stack) vs routed inference")
     p.add_argument("--json", action="store_true", help="one machine-readable JSON line")
     p.set_defaults(func=cmd_bench)
     return parser

@@ -1,13 +1,10 @@
-"""Figures for the report: plain matplotlib (Agg backend, so it runs without a screen)."""
+"""Figures for the report: plain matplotlib (saved to files; without a screen matplotlib falls back to Agg)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def _smooth(values: list[float], k: int) -> list[float]:
@@ -155,6 +152,67 @@ def plot_subspaces(similarity, domains: list[str], spectra: dict[str, list[float
     c.set_ylabel("1 − ‖Vᵀδ‖/‖δ‖")
     c.set_title("new stacks' orthogonality to earlier directions")
     c.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _share_matrix(per_domain: dict[str, dict], domains: list[str], top: int = 6) -> tuple[list[str], list[list[float]]]:
+    """Rows: each domain's prompts; columns: the combinations that win most often overall."""
+    totals: dict[str, float] = {}
+    for d in domains:
+        for c, s in per_domain[d]["shares"].items():
+            totals[c] = totals.get(c, 0.0) + s
+    cols = [c for c, _ in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
+    return cols, [[per_domain[d]["shares"].get(c, 0.0) for c in cols] for d in domains]
+
+
+def plot_router(result: dict, path: str | Path) -> Path:
+    """The router's training curves, the oracle's winning combinations per domain, and the routes the
+    trained router switches on for each domain's held-out prompts."""
+    path = Path(path)
+    domains = result["domains"]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(17, 4.6), dpi=110)
+    h = result["history"]
+    epochs = [r["epoch"] for r in h]
+    a.plot(epochs, [r["train_loss"] for r in h], "o-", label="train loss (BCE + margin)")
+    a.plot(epochs, [r["bce"] for r in h], "o-", label="val BCE")
+    a.plot(epochs, [r["single_top1"] for r in h], "s--", label="val single top-1")
+    a.plot(epochs, [r["mixed_set_match"] for r in h], "s--", label="val mixed set match")
+    a.axvline(result["best_epoch"], color="grey", ls=":", label="kept epoch")
+    a.set_xlabel("epoch")
+    a.set_title("router training")
+    a.legend(fontsize=7)
+    a.grid(alpha=0.3)
+    cols, m = _share_matrix(result["oracle"], domains)
+    _heat(b, m, [f"{d} prompts" for d in domains], cols, "oracle: share of each winning combination", cmap="Blues")
+    cols, m = _share_matrix(result["routes"], domains)
+    _heat(c, m, [f"{d} prompts" for d in domains], cols, "router: stacks switched on (held-out prompts)", cmap="Greens")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_eval(result: dict, path: str | Path) -> Path:
+    """Loss and task accuracy per domain in the three modes (base, ungated, routed)."""
+    import numpy as np
+
+    path = Path(path)
+    domains, modes = result["domains"], result["modes"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), dpi=110)
+    x = np.arange(len(domains))
+    width = 0.8 / len(modes)
+    for k, metric in enumerate(("loss", "accuracy")):
+        ax = axes[k]
+        for i, mode in enumerate(modes):
+            vals = [result["results"].get(f"{mode}/{d}", {}).get(metric) for d in domains]
+            ax.bar(x + (i - (len(modes) - 1) / 2) * width, [np.nan if v is None else v for v in vals], width, label=mode)
+        ax.set_xticks(x, domains)
+        ax.set_title("test loss (lower is better)" if metric == "loss" else "task accuracy (chat: nothing checkable)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -16,8 +16,10 @@ from dataclasses import dataclass, replace
 
 from .continual import ContinualConfig
 from .data import DataConfig
+from .evaluate import EvalConfig
 from .model import ModelConfig
 from .pretrain import PretrainConfig
+from .router import RouterConfig
 from .stacks import AdapterConfig
 from .train import BoostConfig, StackTrainConfig
 
@@ -37,6 +39,8 @@ class Preset:
     # backward) for 7x less projection memory, which a laptop-sized model does not need.
     quant: str = "none"
     continual: ContinualConfig = ContinualConfig()  # domains in curriculum order, null-space projection
+    router: RouterConfig = RouterConfig()  # the meta-router: its data, targets and training
+    eval: EvalConfig = EvalConfig()  # base / ungated / routed evaluation on the test split
 
 
 SMOKE = Preset(
@@ -54,6 +58,8 @@ SMOKE = Preset(
                            max_val_examples=20),
     boost=BoostConfig(max_rounds=2),
     continual=ContinualConfig(rounds=2, ns_k=4, ns_examples=20),
+    router=RouterConfig(prompts_per_domain=20, mixed_per_kind=4, epochs=3),
+    eval=EvalConfig(n_loss=20, n_generate=2, max_new_tokens=16, n_panel_mixed=2),
 )
 
 QUICK = Preset(
@@ -67,6 +73,9 @@ QUICK = Preset(
     # 5 domains x 1 round x 30 steps, twice (with and without null-space) in the demo: every frozen stack
     # is in the forward and backward pass of later training, so the continual runs dominate the demo's time
     continual=ContinualConfig(rounds=1, steps=30, ns_k=16, ns_examples=64),
+    # the oracle runs 32 passes (every combination of 5 domains, and the base) over the router's prompts
+    router=RouterConfig(prompts_per_domain=24, mixed_per_kind=20),
+    eval=EvalConfig(n_loss=100, n_generate=5, max_new_tokens=96),
 )
 
 PAPER = Preset(
@@ -78,6 +87,8 @@ PAPER = Preset(
     stack=StackTrainConfig(steps=200, batch_size=16, lr=1e-3, warmup_steps=40, eval_every=25),
     # the paper's TinyLlama null-space setting (n=200, K=32) and Gemma's 2 rounds per domain
     continual=ContinualConfig(rounds=2, steps=120, ns_k=32, ns_examples=200),
+    router=RouterConfig(prompts_per_domain=200, mixed_per_kind=60),
+    eval=EvalConfig(n_loss=200, n_generate=50),
 )
 
 PRESETS = {p.name: p for p in (SMOKE, QUICK, PAPER)}

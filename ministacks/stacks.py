@@ -168,7 +168,7 @@ class FusedStacks:
 
     def __init__(self, layer: StackedLinear, live: list[str], key: tuple):
         self.key = key
-        As, Rs, Bs, self.groups = [], [], [], []  # groups: (n_experts, r, top_k, routing, top_p, column scale)
+        As, Rs, Bs, groups = [], [], [], []  # groups: (routing spec, column scale) per adapter
         for domain in live:
             w = layer.weight_of(domain)
             for adapter in layer.stacks[domain]:
@@ -177,13 +177,22 @@ class FusedStacks:
                     As.append(adapter.lora_A.reshape(E * r, -1))  # [E·r, d_in]
                     Bs.append(adapter.lora_B.permute(1, 0, 2).reshape(adapter.lora_B.shape[1], E * r))  # [d_out, E·r]
                     Rs.append(adapter.router.weight)  # [E, d_in]
-                    self.groups.append((E, r, adapter.top_k, adapter.routing, adapter.top_p, w * adapter.scaling))
+                    groups.append(((E, r, adapter.top_k, adapter.routing, adapter.top_p), w * adapter.scaling))
                 elif isinstance(adapter, LoRA):
                     As.append(adapter.lora_A)
                     Bs.append(adapter.lora_B)
-                    self.groups.append((1, adapter.r, 1, "lora", 1.0, w * adapter.scaling))
+                    groups.append(((1, adapter.r, 1, "lora", 1.0), w * adapter.scaling))
                 else:
                     raise TypeError(f"cannot fuse a {type(adapter).__name__}")
+        # consecutive adapters with the same routing spec are gated together: one top-k over [T, S, E]
+        # instead of S small ones (generation runs this once per token per projection)
+        self.runs: list[tuple[tuple, torch.Tensor]] = []  # (spec, scales [S])
+        for spec, scale in groups:
+            if self.runs and self.runs[-1][0] == spec:
+                self.runs[-1][1].append(scale)
+            else:
+                self.runs.append((spec, [scale]))
+        self.runs = [(spec, torch.tensor(scales)) for spec, scales in self.runs]
         with torch.no_grad():
             self.A = torch.cat(As).detach()  # [Σ E·r, d_in]
             self.B = torch.cat(Bs, dim=1).detach()  # [d_out, Σ E·r]
@@ -192,17 +201,19 @@ class FusedStacks:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])  # [T, F]
-        # T tokens, F d_in, C = Σ E·r columns, O d_out
+        # T tokens, F d_in, C = Σ E·r columns, O d_out, S stacks in a run, E experts, r rank
         h = F.linear(x, self.A)  # [T, C]
         z = F.linear(x, self.R) if self.R is not None else None  # [T, Σ_moe E]
         gates, zi = [], 0
-        for E, r, k, routing, top_p, scale in self.groups:
+        for (E, r, k, routing, top_p), scales in self.runs:
+            S = len(scales)
             if routing == "lora":
-                g = h.new_full((h.shape[0], 1), scale)
+                g = scales.to(h)[None, :, None].expand(h.shape[0], S, 1)  # [T, S, 1]
             else:
-                g = route(z[:, zi : zi + E], routing, k, top_p)[0] * scale  # [T, E]
-                zi += E
-            gates.append(g.repeat_interleave(r, dim=-1))  # [T, E·r]
+                g = route(z[:, zi : zi + S * E].view(-1, S, E), routing, k, top_p)[0]  # [T, S, E]
+                g = g * scales.to(h)[None, :, None]
+                zi += S * E
+            gates.append(g.repeat_interleave(r, dim=-1).reshape(h.shape[0], S * E * r))  # [T, S·E·r]
         return F.linear(h * torch.cat(gates, dim=-1), self.B).view(*lead, -1)  # [..., O]
 
 

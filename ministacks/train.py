@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .checkpoint import load_latest, optimizer_from_tensors, save_checkpoint
@@ -106,7 +107,9 @@ class ExampleSet:
         pairs = [encode_example(tok, ex, completion_only, max_len) for ex in examples]
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))  # little padding per batch
         self.batches = []
+        self.rows: list[list[int]] = []  # the examples (positions in the list given) of each batch
         for b in range(0, len(order), batch_size):
+            self.rows.append(order[b : b + batch_size])
             chunk = [pairs[i] for i in order[b : b + batch_size]]
             T = max(len(ids) for ids, _ in chunk)
             x = torch.full((len(chunk), T), tok.pad_id)
@@ -115,6 +118,8 @@ class ExampleSet:
                 x[row, : len(ids)] = torch.tensor(ids)
                 y[row, : len(lab)] = torch.tensor(lab)
             self.batches.append((x, y))
+        # scored tokens per example, in the order given: weights of a token-weighted mean over examples
+        self.scored = torch.tensor([sum(t != IGNORE for t in lab[1:]) for _, lab in pairs])
 
 
 @torch.no_grad()
@@ -133,17 +138,34 @@ def example_loss(model: nn.Module, data: ExampleSet) -> float:
 
 
 @torch.no_grad()
+def example_losses(model: nn.Module, data: ExampleSet,
+                   before_batch: Callable[[list[int]], None] | None = None) -> torch.Tensor:
+    """Mean CE of every example on its own, in the order the examples were given: [N].
+
+    Batched (the whole ExampleSet in len(batches) forwards), so a caller that needs every example's
+    loss under many settings of the model (the router's target search) pays one pass per setting.
+    `before_batch(rows)` runs before each batch's forward (routed evaluation sets each example's
+    stack weights there, with batch_size 1)."""
+    was = model.training
+    train_mode(model, False)
+    n = sum(len(r) for r in data.rows)
+    out = torch.full((n,), float("nan"))
+    for (x, y), rows in zip(data.batches, data.rows):
+        if before_batch is not None:
+            before_batch(rows)
+        logits = model(x).logits  # [B, T, V]
+        target = y[:, 1:]  # position t predicts token t+1
+        ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=IGNORE, reduction="none")  # [B, T-1]
+        scored = (target != IGNORE).sum(1).clamp(min=1)
+        out[torch.tensor(rows)] = ce.sum(1) / scored
+    train_mode(model, was)
+    return out
+
+
 def per_example_losses(model: nn.Module, tok: Tokenizer, examples: Sequence[Example], completion_only: bool,
                        max_len: int) -> list[float]:
     """Mean CE of each example on its own (same scoring as `example_loss`), in the order given."""
-    was = model.training
-    train_mode(model, False)
-    out = []
-    for ex in examples:
-        ids, labels = encode_example(tok, ex, completion_only, max_len)
-        out.append(float(model(torch.tensor([ids]), labels=torch.tensor([labels])).loss))
-    train_mode(model, was)
-    return out
+    return example_losses(model, ExampleSet(tok, examples, completion_only, max_len)).tolist()
 
 
 # -- one round -------------------------------------------------------------------------------------

@@ -72,3 +72,118 @@ def test_demo_forgetting_json_has_both_runs_and_their_difference(demo_dir):
             else:
                 assert f["difference"][i][j] is None
     assert (demo_dir / "subspaces.png").stat().st_size > 10_000
+
+
+# -- the meta-router, routed inference and the three-mode evaluation (on the demo's null-space run) ------
+
+
+def test_demo_report_has_the_router_and_the_three_mode_evaluation(demo_dir):
+    report = (demo_dir / "report.md").read_text()
+    assert "## Meta-router" in report and "](nullspace/router.png)" in report
+    assert "## Base, ungated and routed" in report and "](nullspace/eval.png)" in report
+    assert "### The same prompts in the three modes" in report and "*routed* (" in report
+    for figure in ("router.png", "eval.png"):
+        assert (demo_dir / "nullspace" / figure).stat().st_size > 10_000
+
+
+def test_router_json_scores_and_oracle_shares(demo_dir):
+    r = json.loads((demo_dir / "nullspace" / "router.json").read_text())
+    assert 0.0 <= r["single_top1"] <= 1.0 and 0.0 <= r["mixed_set_match"] <= 1.0
+    assert set(r["oracle"]) == set(r["domains"])
+    total = 0
+    for d, o in r["oracle"].items():
+        total += o["n"]
+        if o["n"]:
+            assert sum(o["shares"].values()) == pytest.approx(1.0)
+            assert all(c == "base" or set(c.split("+")) <= set(r["domains"]) for c in o["shares"])
+    assert total == r["n_prompts"]["single"]
+    assert r["n_prompts"]["train"] + r["n_prompts"]["val"] == r["n_prompts"]["single"] + r["n_prompts"]["mixed"]
+    assert (demo_dir / "nullspace" / "router" / "model.safetensors").is_file()
+
+
+def test_eval_json_has_every_mode_and_domain(demo_dir):
+    e = json.loads((demo_dir / "nullspace" / "eval.json").read_text())
+    for mode in ("base", "ungated", "routed"):
+        for d in e["domains"]:
+            res = e["results"][f"{mode}/{d}"]
+            assert res["loss"] > 0
+            assert (res["accuracy"] is None) == (d == "chat")
+    # the modes really differ: stacks change the loss
+    assert e["results"]["base/code"]["loss"] != e["results"]["ungated/code"]["loss"]
+    assert {s["label"] for s in e["samples"]} >= set(e["domains"])
+    assert all(set(s["answers"]) == {"base", "ungated", "routed"} for s in e["samples"])
+
+
+def test_eval_resumes_only_what_is_missing(demo_dir):
+    from ministacks.evaluate import eval_stage
+
+    path = demo_dir / "nullspace" / "eval.json"
+    e = json.loads(path.read_text())
+    del e["results"]["routed/math"]
+    path.write_text(json.dumps(e))
+    again = eval_stage(demo_dir, "smoke", progress=False)
+    assert "routed/math" in again["results"]
+    assert again["seconds"]["base/chat"] == e["seconds"]["base/chat"]  # not recomputed
+
+
+def test_route_again_reuses_the_cached_targets(demo_dir):
+    targets = demo_dir / "nullspace" / "router" / "targets.json"
+    before = targets.stat().st_mtime_ns
+    assert main(["route", "--run", str(demo_dir), "--no-progress"]) == 0
+    assert targets.stat().st_mtime_ns == before
+
+
+def test_generate_in_every_mode_and_with_forced_weights(demo_dir, capsys):
+    assert main(["generate", "--run", str(demo_dir), "--prompt", "What is 2 + 3?", "--mode", "compare",
+                 "--max-new-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "[base: base (every stack off)]" in out and "[ungated: ungated" in out and "[routed: " in out
+    assert main(["generate", "--run", str(demo_dir), "--prompt", "hi", "--weights", "math=1", "--max-new-tokens", "4"]) == 0
+    assert "[forced: math 1.00]" in capsys.readouterr().out
+    assert main(["generate", "--run", str(demo_dir), "--prompt", "hi", "--weights", "math"]) == 2
+    assert "domain=number" in capsys.readouterr().err
+    assert main(["generate", "--run", str(demo_dir), "--prompt", "hi", "--weights", "law=1"]) == 2
+
+
+def test_chat_session(demo_dir, capsys, monkeypatch):
+    lines = iter(["/route How many legs does a spider have?", "/force code=1", "def add(a, b):", "/force off",
+                  "/mode ungated", "/mode nonsense", "/compare hello", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr("sys.argv", ["ministacks"])
+    assert main(["chat", "--run", str(demo_dir), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "p: chat" in out and "weights: " in out
+    assert "[forced: code 1.00]" in out
+    assert "error: unknown mode 'nonsense'" in out
+    assert "[base: base (every stack off)]" in out and "[routed: " in out
+
+
+def test_routed_generation_one_hot_equals_only_that_domains_stacks(demo_dir):
+    """Weights one-hot on a domain skip every other domain: the answer is that of a model holding
+    only that domain's stacks."""
+    import torch
+
+    from ministacks.data import render_alpaca
+    from ministacks.experiments import prepared_base
+    from ministacks.inference import StackedRun
+    from ministacks.store import load_stack, read_manifest
+
+    sr = StackedRun(demo_dir)
+    prompt = "Write a Python function `add(a, b)` that does the following."
+    got = sr.generate(prompt, {"code": 1.0}, max_new_tokens=12, repetition_penalty=1.0)["completion"]
+    model, tok = prepared_base(sr.preset, sr.paths.out)
+    for s in read_manifest(sr.paths.run)["stacks"]:
+        if s["domain"] == "code":
+            load_stack(sr.paths.run, model, "code", s["round"])
+    ids = tok.encode(render_alpaca(prompt, ""), bos=True)
+    out = model.generate(torch.tensor([ids]), 12, eos_id=tok.eos_id)
+    assert got == tok.decode([t for t in out[0, len(ids):].tolist() if t != tok.eos_id])
+    # and the logits agree exactly, while with every stack on they differ (the skipped stacks matter)
+    x = torch.tensor([ids])
+    sr.set_mode({"code": 1.0})
+    routed_logits = sr.model(x).logits
+    sr.set_mode("ungated")
+    ungated_logits = sr.model(x).logits
+    sr.reset()
+    assert torch.allclose(routed_logits, model(x).logits, atol=1e-5)
+    assert not torch.allclose(ungated_logits, routed_logits, atol=1e-3)

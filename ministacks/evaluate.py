@@ -1,0 +1,181 @@
+"""`eval`: what routing buys — base, ungated and routed, per domain (the paper's Table 4 and §5.3).
+
+For each mode (inference.MODES) and each domain, on the domain's *test* split (never seen by the
+stacks, the router or the epoch selection):
+
+    loss       the validation loss as everywhere else (train.example_loss's definition), token-weighted
+               over the first `n_loss` test examples; routed mode routes every example on its own
+    accuracy   greedy answers (repetition penalty 1.2, as the paper) to the first `n_generate` test
+               examples, scored by tasks.score: math the "####" number, reasoning the final answer,
+               medical the ICD code or a definition's word overlap, code a sandboxed run that checks the
+               requested function is defined with the requested signature; chat has nothing checkable
+
+plus the routes taken (mean weight and the share of each switched-on set, per domain) and, for a fixed
+set of prompts (one test prompt per domain and a few mixed-domain ones), the three modes' answers side
+by side — the paper's three-panel comparison.
+
+Results are written to RUN/eval.json after every (mode, domain) block, so a killed evaluation resumes
+where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .data import load_split, mixed_prompts, raw_prompt, render_alpaca
+from .inference import MODES, StackedRun, describe_weights
+from .io import atomic_write_json, read_json
+from .oracle import combo_name
+from .plots import plot_eval
+from .router import routing_weights
+from .tasks import score
+from .train import ExampleSet, example_losses
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n_loss: int = 200  # test examples per domain for the loss (the whole test split by default)
+    n_generate: int = 20  # test examples per domain whose generated answers are scored
+    max_new_tokens: int = 160  # cap; a domain generates at most its longest reference answer + 8 tokens
+    repetition_penalty: float = 1.2  # paper (spec §7)
+    n_panel_mixed: int = 4  # mixed-domain prompts in the side-by-side panel (one per kind)
+    code_timeout: float = 5.0  # seconds for a generated function's sandboxed run
+
+
+# spec §9, Exp 3 (Gemma 3 12B IT, NF4, 5 domains x 2 rounds, 200 samples each): base -> routed
+PAPER_TABLE4 = {
+    "HellaSwag": (0.670, 0.650), "ARC-Easy": (0.510, 0.515), "ARC-Challenge": (0.525, 0.495),
+    "TruthfulQA MC1": (0.350, 0.370), "MMLU": (0.450, 0.435), "GSM8K": (0.665, 0.665),
+    "MedQA": (0.385, 0.350), "MedMCQA": (0.330, 0.360),
+}
+
+
+def mean_loss(sr: StackedRun, examples: list, cfg, weights: list[dict[str, float]] | None = None) -> float:
+    """Token-weighted mean loss of `examples` in the current mode; with `weights`, example i runs alone
+    with weights[i] (routed mode: every prompt has its own route)."""
+    if weights is None:
+        data = ExampleSet(sr.tok, examples, cfg.completion_only, max_len=cfg.seq_len, batch_size=cfg.eval_batch_size)
+        losses = example_losses(sr.model, data)
+    else:
+        data = ExampleSet(sr.tok, examples, cfg.completion_only, max_len=cfg.seq_len, batch_size=1)
+        losses = example_losses(sr.model, data, before_batch=lambda rows: sr.set_mode(weights[rows[0]]))
+    sr.reset()
+    return float((losses * data.scored).sum() / data.scored.sum().clamp(min=1))
+
+
+def _routes(sr: StackedRun, texts: list[str]) -> list[dict[str, float]]:
+    return [routing_weights(p, sr.router.cfg) for p in sr.probabilities(texts)]
+
+
+def _route_summary(domains: tuple[str, ...], weights: list[dict[str, float]]) -> dict:
+    picked = [combo_name([d for d in domains if d in w]) for w in weights]
+    counts = sorted(((c, picked.count(c)) for c in set(picked)), key=lambda kv: (-kv[1], kv[0]))
+    return {"mean_weight": {d: sum(w.get(d, 0.0) for w in weights) / max(1, len(weights)) for d in domains},
+            "shares": {c: n / len(picked) for c, n in counts}}
+
+
+def _key(sr: StackedRun, cfg: EvalConfig) -> str:
+    router_cfg = read_json(sr.paths.run / "router" / "config.json")
+    stacks = [(s["domain"], s["round"]) for s in sr.manifest["stacks"]]
+    blob = json.dumps([sr.manifest["base_fingerprint"], stacks, router_cfg, asdict(cfg)])
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def eval_stage(path: str | Path, preset: str | None = None, progress: bool = True, cfg: EvalConfig | None = None) -> dict:
+    """Evaluate the run at `path` in the three modes; write and return RUN/eval.json."""
+    sr = StackedRun(path, preset)
+    if sr.router is None:
+        raise FileNotFoundError(f"no router in {sr.paths.run}: run `python -m ministacks route --run {path}` first")
+    cfg = cfg or sr.preset.eval
+    out = sr.paths.run / "eval.json"
+    key = _key(sr, cfg)
+    result = read_json(out) if out.is_file() else {}
+    if result.get("key") != key:
+        result = {"key": key, "domains": list(sr.domains), "modes": list(MODES), "config": asdict(cfg),
+                  "results": {}, "routes": {}, "samples": [], "paper_table4": PAPER_TABLE4, "seconds": {},
+                  "files": {"json": str(out), "plot": str(sr.paths.run / "eval.png")}}
+    t0 = time.time()
+    stack_cfg = sr.preset.stack
+    todo = [(m, d) for d in sr.domains for m in MODES if f"{m}/{d}" not in result["results"]]
+    bar = tqdm(todo, desc="eval", disable=not progress, leave=False)
+    for mode, domain in bar:
+        bar.set_postfix_str(f"{domain} {mode}")
+        test = load_split(domain, "test", sr.preset.data)
+        loss_set, gen_set = test[: cfg.n_loss], test[: cfg.n_generate]
+        routes = None
+        if mode == "routed":  # every prompt routed on its own, from its raw text
+            routes = _routes(sr, [raw_prompt(ex) for ex in test[: max(cfg.n_loss, cfg.n_generate)]])
+            result["routes"][domain] = _route_summary(sr.domains, routes[: len(loss_set)])
+        else:
+            sr.set_mode(mode)
+        entry = {"loss": mean_loss(sr, loss_set, stack_cfg, routes), "n_loss": len(loss_set)}
+        entry.update(_accuracy(sr, domain, gen_set, mode, routes, cfg))
+        result["results"][f"{mode}/{domain}"] = entry
+        result["seconds"][f"{mode}/{domain}"] = time.time() - t0
+        t0 = time.time()
+        atomic_write_json(out, result)  # each finished block survives a kill
+    bar.close()
+    if not result["samples"]:
+        result["samples"] = side_by_side(sr, cfg)
+        atomic_write_json(out, result)
+    plot_eval(result, sr.paths.run / "eval.png")
+    return result
+
+
+def fits(sr: StackedRun, prompt: str, room: int) -> bool:
+    """Does `prompt` leave at least `room` tokens of the model's context to answer in?"""
+    return len(sr.tok.encode(prompt, bos=True)) + room <= sr.model.cfg.max_seq_len
+
+
+def _accuracy(sr: StackedRun, domain: str, examples: list, mode: str, routes: list | None, cfg: EvalConfig) -> dict:
+    """Generate an answer to every example and score it; {} for a domain with nothing checkable."""
+    if domain == "chat" or not examples:
+        return {"accuracy": None, "n_generated": 0}
+    budget = min(cfg.max_new_tokens, max(len(sr.tok.encode(ex.response)) for ex in examples) + 8)
+    scored, extra = [], []
+    for i, ex in enumerate(examples):
+        if not fits(sr, ex.prompt(), 8):
+            continue  # a prompt that leaves no room to answer in the model's context is not asked
+        m = routes[i] if mode == "routed" else mode  # the routes of the first examples (same order)
+        gen = sr.generate(raw_prompt(ex), m, max_new_tokens=budget, prompt=ex.prompt(),
+                          repetition_penalty=cfg.repetition_penalty)
+        s = score(domain, ex, gen["completion"], code_timeout=cfg.code_timeout)
+        scored.append(bool(s["correct"]))
+        if s.get("f1") is not None:
+            extra.append(s["f1"])
+    if not scored:
+        return {"accuracy": None, "n_generated": 0}
+    acc = {"accuracy": sum(scored) / len(scored), "n_generated": len(scored)}
+    if extra:
+        acc["mean_f1"] = sum(extra) / len(extra)
+    return acc
+
+
+def side_by_side(sr: StackedRun, cfg: EvalConfig) -> list[dict]:
+    """One test prompt per domain and a few mixed-domain prompts, answered in every mode."""
+    # each domain's first test example whose prompt leaves room for an answer
+    firsts = [next((ex for ex in load_split(d, "test", sr.preset.data) if fits(sr, ex.prompt(), 32)), None)
+              for d in sr.domains]
+    firsts = [ex for ex in firsts if ex is not None]
+    prompts = [(ex.domain, raw_prompt(ex), ex.prompt()) for ex in firsts]  # label, raw text, templated prompt
+    seen = set()
+    for m in mixed_prompts(sr.preset.data, "test", 3):  # a few per kind: the first may not fit
+        if (m.kind not in seen and set(m.labels) <= set(sr.domains) and len(seen) < cfg.n_panel_mixed
+                and fits(sr, render_alpaca(m.text, ""), 32)):
+            seen.add(m.kind)
+            prompts.append((m.kind, m.text, None))
+    panel = []
+    for label, text, prompt in prompts:
+        row = {"label": label, "prompt": text, "answers": {}}
+        for mode in MODES:
+            gen = sr.generate(text, mode, max_new_tokens=min(64, cfg.max_new_tokens), prompt=prompt,
+                              repetition_penalty=cfg.repetition_penalty)
+            row["answers"][mode] = {"completion": gen["completion"], "weights": describe_weights(gen["weights"])}
+        panel.append(row)
+    return panel
