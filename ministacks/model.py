@@ -90,7 +90,7 @@ class ModelConfig:
 
 
 class ModelOutput(NamedTuple):
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None when asked for hidden states only
     loss: torch.Tensor | None  # scalar mean next-token cross-entropy, or None without labels
     hidden_states: tuple[torch.Tensor, ...] | None  # n_layer+1 tensors [B, T, d], HF convention
 
@@ -272,9 +272,12 @@ class Transformer(nn.Module):
         return n
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-                output_hidden_states: bool = False, kv_cache: KVCache | None = None) -> ModelOutput:
+                output_hidden_states: bool = False, kv_cache: KVCache | None = None,
+                return_logits: bool = True) -> ModelOutput:
         """input_ids, labels: [B, T]. labels are aligned with input_ids (HF convention): position t
-        predicts labels[t+1]; -100 marks positions that do not count. Returns logits [B, T, V]."""
+        predicts labels[t+1]; -100 marks positions that do not count. Returns logits [B, T, V]
+        (None with `return_logits=False`, for callers that only want hidden states: the router's
+        features skip the LM head, a quarter of a small model's forward)."""
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -292,6 +295,8 @@ class Transformer(nn.Module):
             hidden[-1] = x  # HF: the last entry is the final-normed state that feeds lm_head
         if kv_cache is not None:
             kv_cache.advance(T)
+        if not return_logits and labels is None:
+            return ModelOutput(None, None, tuple(hidden) if hidden is not None else None)
         logits = self.lm_head(x)  # [B, T, V]
 
         loss = None

@@ -158,7 +158,7 @@ def prompt_features(model: nn.Module, tok: Tokenizer, texts: Sequence[str], cfg:
     try:
         chunks = []
         for b in range(0, len(ids), batch_size):
-            hs = model(ids[b : b + batch_size], output_hidden_states=True).hidden_states
+            hs = model(ids[b : b + batch_size], output_hidden_states=True, return_logits=False).hidden_states
             L = len(hs) - 1  # hidden_states: the embeddings, then every layer; the last is final-normed
             chunks.append(cfg.mid_weight * hs[L // 2] + (1 - cfg.mid_weight) * hs[L])
     finally:

@@ -310,3 +310,13 @@ def test_safetensors_roundtrip_keeps_tie_and_logits(tmp_path):
 
     with pytest.raises(ValueError, match="does not match"):
         fresh.load_state_dict_from_save({k: v for k, v in sd.items() if "norm" not in k})
+
+
+def test_hidden_states_without_logits():
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(vocab_size=64, n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=16)).eval()
+    x = torch.randint(0, 64, (2, 10))
+    full = m(x, output_hidden_states=True)
+    lean = m(x, output_hidden_states=True, return_logits=False)
+    assert lean.logits is None and full.logits is not None
+    assert all(torch.equal(a, b) for a, b in zip(full.hidden_states, lean.hidden_states))
