@@ -123,7 +123,7 @@ def cmd_train(args) -> int:
 def cmd_route(args) -> int:
     from .routing import route_stage
 
-    r = route_stage(args.run, args.preset, progress=not args.no_progress)
+    r = route_stage(args.run, args.preset, progress=not args.no_progress, search=args.search)
     print(f"router: single top-1 {r['single_top1']:.3f}, mixed set match {r['mixed_set_match']:.3f}, "
           f"val BCE {r['val_bce']:.3f} (epoch {r['best_epoch']} kept; {r['params']:,} parameters)")
     print("oracle's best stack combination, share of each domain's prompts:")
@@ -297,6 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("route", help="train the meta-router of a trained run")
     add_run(p)
+    p.add_argument("--search", choices=["exhaustive", "greedy"], default=None,
+                   help="how the oracle finds each prompt's best stack combination: exhaustive (default, all "
+                        "2^D - 1) or greedy (the released code's search)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=cmd_route)
 

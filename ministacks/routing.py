@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -117,8 +117,9 @@ def load_router(run: str | Path, model: nn.Module) -> MetaRouter | None:
 
 
 def route_stage(path: str | Path, preset: str | None = None, progress: bool = True,
-                cfg: RouterConfig | None = None) -> dict:
-    """Train the router of the run at `path`; write the router and RUN/router.json; return router.json."""
+                cfg: RouterConfig | None = None, search: str | None = None) -> dict:
+    """Train the router of the run at `path`; write the router and RUN/router.json; return router.json.
+    `cfg` defaults to the preset's RouterConfig; `search` ("exhaustive" or "greedy") overrides its search."""
     from .inference import StackedRun
     from .plots import plot_router
 
@@ -126,6 +127,8 @@ def route_stage(path: str | Path, preset: str | None = None, progress: bool = Tr
     sr = StackedRun(path, preset, router=False)
     run, model, tok, domains = sr.paths.run, sr.model, sr.tok, sr.domains
     cfg = cfg or sr.preset.router
+    if search is not None:
+        cfg = replace(cfg, search=search)
     torch.manual_seed(cfg.seed)
     singles = [ex for d in domains for ex in load_split(d, "val", sr.preset.data)[: cfg.prompts_per_domain]]
     singles = answerable(tok, singles, sr.preset.stack.seq_len)
