@@ -157,8 +157,8 @@ class FusedStacks:
 
     For S adapters with E_s experts of rank r_s (a LoRA is one expert whose gate is 1):
 
-        h = x @ [A_1; …; A_S]ᵀ                          one matmul      [T, Σ E_s·r_s]
-        z = x @ [R_1; …; R_S]ᵀ                          one matmul      [T, Σ E_s]  (router logits)
+        [h | z] = x @ [A_1; …; A_S; R_1; …; R_S]ᵀ        one matmul      [T, Σ E_s·r_s + Σ E_s]
+                                                        (expert activations h, router logits z)
         g_s = topk_softmax(z_s) · w_d(s) · scale_s      per stack       [T, E_s]
         Δ = (h ⊙ repeat(g, r)) @ [B_1 … B_S]ᵀ           one matmul      [T, d_out]
 
@@ -194,16 +194,17 @@ class FusedStacks:
                 self.runs.append((spec, [scale]))
         self.runs = [(spec, torch.tensor(scales)) for spec, scales in self.runs]
         with torch.no_grad():
-            self.A = torch.cat(As).detach()  # [Σ E·r, d_in]
+            # the experts' A rows and the routers' rows in one matrix: one matmul gives both (as in MoELoRA)
+            self.AR = torch.cat(As + Rs).detach()  # [Σ E·r + Σ_moe E, d_in]
+            self.C = sum(a.shape[0] for a in As)  # Σ E·r
             self.B = torch.cat(Bs, dim=1).detach()  # [d_out, Σ E·r]
-            self.R = torch.cat(Rs).detach() if Rs else None  # [Σ_moe E, d_in]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x = x.reshape(-1, x.shape[-1])  # [T, F]
         # T tokens, F d_in, C = Σ E·r columns, O d_out, S stacks in a run, E experts, r rank
-        h = F.linear(x, self.A)  # [T, C]
-        z = F.linear(x, self.R) if self.R is not None else None  # [T, Σ_moe E]
+        hz = F.linear(x, self.AR)  # [T, C + Σ_moe E]
+        h, z = hz[:, : self.C], hz[:, self.C :]  # expert activations [T, C], router logits [T, Σ_moe E]
         gates, zi = [], 0
         for (E, r, k, routing, top_p), scales in self.runs:
             S = len(scales)

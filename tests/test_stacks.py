@@ -139,7 +139,9 @@ def test_a_domain_at_or_below_threshold_costs_nothing_and_adds_nothing():
     model(x)
     layer = next(stacked_layers(model))
     n_chat_cols = sum(a.n_experts * a.r for a in layer.stacks["chat"])
-    assert layer._fused.A.shape[0] == n_chat_cols
+    n_chat_router_rows = sum(a.n_experts for a in layer.stacks["chat"])
+    assert layer._fused.C == n_chat_cols and layer._fused.B.shape[1] == n_chat_cols
+    assert layer._fused.AR.shape[0] == n_chat_cols + n_chat_router_rows
 
 
 def test_ungated_weighted_and_base_only_switches():
