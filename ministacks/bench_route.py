@@ -63,8 +63,8 @@ from .stacks import (
     freeze_active,
     inject_stacks,
     make_adapter,
-    set_base_only,
     set_domain_weights,
+    stack_setting,
     stacked_layers,
 )
 
@@ -120,11 +120,8 @@ def stacked_model(cfg: ModelConfig, domains: Sequence[str] = DOMAINS, rounds: in
 
 
 def base_forward(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
-    set_base_only(model, True)
-    try:
+    with stack_setting(model, base_only=True):
         return model(ids).logits
-    finally:
-        set_base_only(model, False)
 
 
 def loop_forward(model: Transformer, ids: torch.Tensor) -> torch.Tensor:
@@ -179,11 +176,8 @@ def routed_generate(model: Transformer, router: MetaRouter, prompt: torch.Tensor
 
 
 def base_generate(model: Transformer, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
-    set_base_only(model, True)
-    try:
+    with stack_setting(model, base_only=True):
         return model.generate(prompt, n_new)
-    finally:
-        set_base_only(model, False)
 
 
 # -- timing ----------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .data import load_split, mixed_prompts, raw_prompt, render_alpaca
 from .inference import MODES, StackedRun, describe_weights
 from .io import atomic_write_json, read_json
-from .oracle import combo_name
+from .oracle import combo_name, shares
 from .plots import plot_eval
 from .router import routing_weights
 from .tasks import score
@@ -74,10 +74,8 @@ def _routes(sr: StackedRun, texts: list[str]) -> list[dict[str, float]]:
 
 
 def _route_summary(domains: tuple[str, ...], weights: list[dict[str, float]]) -> dict:
-    picked = [combo_name([d for d in domains if d in w]) for w in weights]
-    counts = sorted(((c, picked.count(c)) for c in set(picked)), key=lambda kv: (-kv[1], kv[0]))
     return {"mean_weight": {d: sum(w.get(d, 0.0) for w in weights) / max(1, len(weights)) for d in domains},
-            "shares": {c: n / len(picked) for c, n in counts}}
+            "shares": shares([combo_name([d for d in domains if d in w]) for w in weights])}
 
 
 def _key(sr: StackedRun, cfg: EvalConfig) -> str:

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from .router import RouterConfig
-from .stacks import set_base_only, set_domain_weights
+from .stacks import stack_setting
 from .train import ExampleSet, example_losses
 
 BASE = ()  # the empty combination: every stack off
@@ -61,15 +61,8 @@ class ComboLosses:
 
     def __call__(self, combo: tuple[str, ...]) -> torch.Tensor:
         if combo not in self.table:
-            if combo == BASE:
-                set_base_only(self.model, True)
-            else:
-                set_domain_weights(self.model, {d: 1.0 for d in combo})
-            try:
+            with stack_setting(self.model, {d: 1.0 for d in combo}, base_only=combo == BASE):
                 self.table[combo] = example_losses(self.model, self.data)
-            finally:
-                set_base_only(self.model, False)
-                set_domain_weights(self.model, None)
         return self.table[combo]
 
 
@@ -160,11 +153,16 @@ def find_targets(losses: ComboLosses, labels: Sequence[str], domains: Sequence[s
     return OracleResult(domains, best, found, targets, dict(losses.table))  # every combination evaluated
 
 
+def shares(names: Sequence[str]) -> dict[str, float]:
+    """{name: its share of `names`}, the most frequent first (ties by name); {} for no names."""
+    counts = sorted(((name, names.count(name)) for name in set(names)), key=lambda kv: (-kv[1], kv[0]))
+    return {name: n / len(names) for name, n in counts}
+
+
 def winning_shares(best: Sequence[tuple[str, ...]], labels: Sequence[str], domains: Sequence[str]) -> dict:
     """For each domain's prompts: {combination name: share of its prompts where it won}, largest first."""
-    shares = {}
+    out = {}
     for d in domains:
         wins = [combo_name(b) for b, lab in zip(best, labels) if lab == d]
-        counts = sorted(((name, wins.count(name)) for name in set(wins)), key=lambda kv: (-kv[1], kv[0]))
-        shares[d] = {"n": len(wins), "shares": {name: n / len(wins) for name, n in counts}}
-    return shares
+        out[d] = {"n": len(wins), "shares": shares(wins)}
+    return out

@@ -7,6 +7,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _smooth(values: list[float], k: int) -> list[float]:
     """Trailing moving average: raw per-step losses are too noisy to read."""
     out, acc = [], 0.0
@@ -35,11 +42,8 @@ def plot_pretrain(summary: dict, path: str | Path) -> Path:
     ax.set_ylim(0, max(vl[0], summary["unigram_entropy"]) * 1.05)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_compare(result: dict, path: str | Path) -> Path:
@@ -62,10 +66,7 @@ def plot_compare(result: dict, path: str | Path) -> Path:
     gap_ax.set_xlabel("step")
     gap_ax.set_ylabel("LoRA − MoE (positive: MoE ahead)")
     gap_ax.set_title("gap at each checkpoint")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_boost(result: dict, path: str | Path) -> Path:
@@ -83,10 +84,7 @@ def plot_boost(result: dict, path: str | Path) -> Path:
     ax.set_title(f"Residual boosting on {result['domain']} (stop: gain < {result['min_improvement']})")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _heat(ax, matrix, rows, cols, title, cmap="viridis", center=False):
@@ -125,10 +123,7 @@ def plot_forgetting(runs: dict[str, dict], path: str | Path) -> Path:
         f = runs[names[0]]
         _heat(axes[0][-1], diff, [f"after {d}" for d in f["domains"]], f["domains"],
               f"{names[1]} − {names[0]} (negative: {names[1]} better)", cmap="RdBu_r", center=True)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_subspaces(similarity, domains: list[str], spectra: dict[str, list[float]], orthogonality: dict[str, float],
@@ -152,10 +147,7 @@ def plot_subspaces(similarity, domains: list[str], spectra: dict[str, list[float
     c.set_ylabel("1 − ‖Vᵀδ‖/‖δ‖")
     c.set_title("new stacks' orthogonality to earlier directions")
     c.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _share_matrix(per_domain: dict[str, dict], domains: list[str], top: int = 6) -> tuple[list[str], list[list[float]]]:
@@ -189,10 +181,7 @@ def plot_router(result: dict, path: str | Path) -> Path:
     _heat(b, m, [f"{d} prompts" for d in domains], cols, "oracle: share of each winning combination", cmap="Blues")
     cols, m = _share_matrix(result["routes"], domains)
     _heat(c, m, [f"{d} prompts" for d in domains], cols, "router: stacks switched on (held-out prompts)", cmap="Greens")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_eval(result: dict, path: str | Path) -> Path:
@@ -213,7 +202,4 @@ def plot_eval(result: dict, path: str | Path) -> Path:
         ax.set_title("test loss (lower is better)" if metric == "loss" else "task accuracy (chat: nothing checkable)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -46,7 +46,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .stacks import SKIP_THRESHOLD, set_base_only
+from .stacks import SKIP_THRESHOLD, stack_setting
 from .tokenizer import Tokenizer
 
 
@@ -148,21 +148,20 @@ def prompt_features(model: nn.Module, tok: Tokenizer, texts: Sequence[str], cfg:
                     batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """u_t = mid_weight·h_mid + (1 − mid_weight)·h_last for every token of every prompt: [N, T, d], mask [N, T].
 
-    The base alone computes them (every stack off, `set_base_only`), so they do not depend on which
+    The base alone computes them (every stack off, `stack_setting(base_only=True)`), so they do not depend on which
     stacks a run holds and are computed once per prompt. Right padding is harmless: attention is causal,
     so a real token never sees the pads after it, and the pooling masks them out."""
     ids, mask = encode_prompts(tok, texts, cfg.max_prompt_tokens)
     was = model.training
     model.eval()
-    set_base_only(model, True)
     try:
         chunks = []
-        for b in range(0, len(ids), batch_size):
-            hs = model(ids[b : b + batch_size], output_hidden_states=True, return_logits=False).hidden_states
-            L = len(hs) - 1  # hidden_states: the embeddings, then every layer; the last is final-normed
-            chunks.append(cfg.mid_weight * hs[L // 2] + (1 - cfg.mid_weight) * hs[L])
+        with stack_setting(model, base_only=True):
+            for b in range(0, len(ids), batch_size):
+                hs = model(ids[b : b + batch_size], output_hidden_states=True, return_logits=False).hidden_states
+                L = len(hs) - 1  # hidden_states: the embeddings, then every layer; the last is final-normed
+                chunks.append(cfg.mid_weight * hs[L // 2] + (1 - cfg.mid_weight) * hs[L])
     finally:
-        set_base_only(model, False)
         model.train(was)
     return torch.cat(chunks), mask
 

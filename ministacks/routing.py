@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from .data import MIXED_KINDS, load_split, mixed_prompts, raw_prompt
 from .io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
-from .oracle import ComboLosses, OracleResult, combo_name, find_targets, winning_shares
+from .oracle import ComboLosses, OracleResult, combo_name, find_targets, shares, winning_shares
 from .router import MetaRouter, RouterConfig, RouterData, prompt_features, router_metrics, routing_weights, train_router
 from .store import base_fingerprint
 from .train import ExampleSet
@@ -158,16 +158,13 @@ def route_stage(path: str | Path, preset: str | None = None, progress: bool = Tr
     save_router(run, router, model)
 
     # what the router does on the held-out prompts of each domain: mean p, and the set the rule switches on
-    with torch.no_grad():
-        p_val = router.probabilities(val.features, val.mask)
+    p_val = router.probabilities(val.features, val.mask)
     routes: dict[str, dict] = {}
     for d_i, d in enumerate(domains):
         rows = (val.label == d_i).nonzero().flatten().tolist()
         picked = [combo_name([x for x in domains if x in routing_weights(dict(zip(domains, p_val[r].tolist())), cfg)])
                   for r in rows]
-        counts = sorted(((c, picked.count(c)) for c in set(picked)), key=lambda kv: (-kv[1], kv[0]))
-        routes[d] = {"n": len(rows), "mean_p": p_val[rows].mean(0).tolist() if rows else [],
-                     "shares": {c: n / len(rows) for c, n in counts}}
+        routes[d] = {"n": len(rows), "mean_p": p_val[rows].mean(0).tolist() if rows else [], "shares": shares(picked)}
     final = router_metrics(router, val, cfg)
     result = {
         "domains": list(domains),

@@ -31,6 +31,7 @@ so the adapter's explicit `AdapterOutput.aux_loss` cannot travel up through an u
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -291,6 +292,21 @@ def set_domain_weights(model: nn.Module, weights: dict[str, float] | None) -> No
 def set_base_only(model: nn.Module, flag: bool) -> None:
     for layer in stacked_layers(model):
         layer.base_only = flag
+
+
+@contextmanager
+def stack_setting(model: nn.Module, weights: dict[str, float] | None = None, base_only: bool = False) -> Iterator[None]:
+    """Inside the block, the stacks run with `weights` (None = ungated), or not at all with `base_only`;
+    afterwards every layer is back to what it was before, even if the block raised."""
+    layers = list(stacked_layers(model))
+    before = [(layer.base_only, layer.domain_weights) for layer in layers]
+    set_base_only(model, base_only)
+    set_domain_weights(model, weights)
+    try:
+        yield
+    finally:
+        for layer, (flag, w) in zip(layers, before):
+            layer.base_only, layer.domain_weights = flag, w
 
 
 def aux_loss(model: nn.Module) -> torch.Tensor:

@@ -194,6 +194,15 @@ def _shuffled(rng: Random, items: list) -> list:
     return rng.sample(items, len(items))
 
 
+def _one_source(kind: str, domain: str, take: Take, renders: list[Render]) -> MixedPrompt | None:
+    """The prompt of `kind` built from the first item of `domain` that one of `renders` fits, or None."""
+    found = _first_fit(take, domain, renders)
+    if found is None:
+        return None
+    text, ex = found
+    return MixedPrompt(kind, text, MIXED_KINDS[kind], (ex.key(),))
+
+
 def dose_questions(rng: Random) -> list[Callable[[str], str]]:
     """Four dose calculations (term -> prompt text), their numbers drawn now from `rng` in ranges a
     ward might see. The prompt's label, not its answer, is what the router trains on, but the
@@ -228,11 +237,7 @@ def dose_questions(rng: Random) -> list[Callable[[str], str]]:
 
 def medical_math(take: Take, rng: Random) -> MixedPrompt | None:
     questions = _shuffled(rng, dose_questions(rng))
-    found = _first_fit(take, "medical", [lambda e, q=q: q(medical_term(e)) for q in questions])
-    if found is None:
-        return None
-    text, ex = found
-    return MixedPrompt("medical+math", text, MIXED_KINDS["medical+math"], (ex.key(),))
+    return _one_source("medical+math", "medical", take, [lambda e, q=q: q(medical_term(e)) for q in questions])
 
 
 CODE_MATH = (
@@ -245,11 +250,7 @@ CODE_MATH = (
 
 def code_math(take: Take, rng: Random) -> MixedPrompt | None:
     templates = _shuffled(rng, list(CODE_MATH))
-    found = _first_fit(take, "math", [lambda e, t=t: t.format(q=raw_prompt(e)) for t in templates])
-    if found is None:
-        return None
-    text, ex = found
-    return MixedPrompt("code+math", text, MIXED_KINDS["code+math"], (ex.key(),))
+    return _one_source("code+math", "math", take, [lambda e, t=t: t.format(q=raw_prompt(e)) for t in templates])
 
 
 CHAT_MEDICAL = (
@@ -304,11 +305,7 @@ def code_question(template: str, ex: Example) -> str | None:
 
 def reasoning_code(take: Take, rng: Random) -> MixedPrompt | None:
     templates = _shuffled(rng, list(REASONING_CODE))
-    found = _first_fit(take, "code", [lambda e, t=t: code_question(t, e) for t in templates])
-    if found is None:
-        return None
-    text, ex = found
-    return MixedPrompt("reasoning+code", text, MIXED_KINDS["reasoning+code"], (ex.key(),))
+    return _one_source("reasoning+code", "code", take, [lambda e, t=t: code_question(t, e) for t in templates])
 
 
 BUILDERS: dict[str, Callable[[Take, Random], MixedPrompt | None]] = {
