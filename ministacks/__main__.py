@@ -124,8 +124,9 @@ def cmd_route(args) -> int:
     from .routing import route_stage
 
     r = route_stage(args.run, args.preset, progress=not args.no_progress, search=args.search)
-    print(f"router: single top-1 {r['single_top1']:.3f}, mixed set match {r['mixed_set_match']:.3f}, "
-          f"val BCE {r['val_bce']:.3f} (epoch {r['best_epoch']} kept; {r['params']:,} parameters)")
+    print(f"router, against the oracle's targets: single top-1 {r['single_top1']:.3f}, mixed set match "
+          f"{r['mixed_set_match']:.3f}, val BCE {r['val_bce']:.3f} (epoch {r['best_epoch']} kept; {r['params']:,} parameters)")
+    print(f"router, against the domain labels: top-1 {r['label_top1']:.3f}, set match {r['label_set_match']:.3f}")
     print("oracle's best stack combination, share of each domain's prompts:")
     for d, o in r["oracle"].items():
         print(f"  {d:10s} " + ", ".join(f"{c} {v:.0%}" for c, v in list(o["shares"].items())[:4]))

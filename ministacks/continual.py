@@ -10,7 +10,21 @@
 Everything needed to resume is on disk: one safetensors file + JSON per stack, the basis V of every
 domain, the round in progress (train.py checkpoints it), and `manifest.json`, updated after each step
 of the loop. Run the same command again after a kill and it continues where it stopped; the end result
-is the same as an uninterrupted run.
+is the same as an uninterrupted run. Finishing a round is four steps, and a kill between any two of
+them resumes to the same stacks:
+
+    train_round's last checkpoint (finished)   kill after it: the round is not in the manifest, so the
+    freeze, save_stack (tensors, then JSON)      checkpoint is resumed (it returns at once) and saved again
+    manifest entry                              kill after it: the checkpoint names a (domain, round) the
+    RUN/round_in_progress removed                manifest lists, so it is stale and discarded on resume
+
+A checkpoint that names a round which is neither saved nor the next to train is refused (train.py's
+CheckpointMismatchError): it would otherwise become a duplicate, or a stack of the wrong domain.
+
+Null-space capacity (spec §5): each earlier domain claims K directions of every projection's output,
+so a narrow projection (k/v: n_kv_head × head_dim) can fill up. `ns_max_share` caps the protected
+share of each projection; where the cap binds, each earlier domain keeps fewer (its strongest)
+directions there, a warning says which projections, and the manifest records it per projection.
 
 The loss is the same everywhere (train.py's `example_loss`): round results, the forgetting matrix and
 the "zero forgetting in isolation" check all use it — the paper's Table 2 and forgetting matrix did not.
@@ -22,17 +36,20 @@ import json
 import math
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
+from .checkpoint import load_latest
 from .data import DOMAINS
 from .experiments import domain_data, domain_val, ensure_base, prepared_base
 from .io import atomic_save_tensors, atomic_write_json, load_tensors
-from .nullspace import (attach_projection, build_basis, capacity_report, detach_projection, domain_bases,
-                        make_after_step, orthogonality_by_projection, singular_spectra, subspace_similarity)
+from .nullspace import (attach_projection, build_basis, capacity_by_projection, capacity_report, capacity_warning,
+                        detach_projection, domain_bases, make_after_step, orthogonality_by_projection,
+                        singular_spectra, subspace_similarity)
 from .stacks import freeze_active, make_adapter, set_domain_weights
 from .store import load_all_stacks, new_manifest, read_manifest, save_stack, write_manifest
 from .train import boosting_stops, example_loss, train_round
@@ -52,6 +69,10 @@ class ContinualConfig:
     ns_mode: str = "strict"  # "strict": also project each expert's B after every step; "reference": released code
     ns_basis: str = "per_domain"  # "per_domain": K per earlier domain, united (paper); "sum": top-K of the sum (code)
     ns_data: str = "previous"  # "previous": earlier domains' validation examples (paper); "new": the new domain's (code)
+    # most of each projection's output space the earlier domains may protect (ours; the paper has no cap).
+    # Its own runs stay below it (TinyLlama: 3 × 32 of the 256 k/v outputs = 37.5%; Gemma 3 12B: 4 × 64 of
+    # 2048 = 12.5%), but our narrow k/v projections fill up: the new domain keeps at least half of every output
+    ns_max_share: float = 0.5
 
 
 def _replay_stop_rule(rounds: list[dict], preset: Preset) -> bool:
@@ -62,6 +83,22 @@ def _replay_stop_rule(rounds: list[dict], preset: Preset) -> bool:
             return True
         prev = rec["best_loss"]
     return len(rounds) >= preset.continual.rounds
+
+
+ROUND_IN_PROGRESS = "round_in_progress"  # RUN/round_in_progress: train_round's checkpoints of the current round
+
+
+def _discard_if_saved(ckpt_dir: Path, manifest: dict) -> None:
+    """Remove a round checkpoint whose (domain, round) the manifest already lists: a kill between the
+    manifest entry and the checkpoint's removal leaves it behind, and resuming from it would add the
+    saved stack a second time. Any other checkpoint is left for train_round, which resumes it if it
+    is the next round's and refuses it otherwise."""
+    ckpt = load_latest(ckpt_dir)
+    if ckpt is None:
+        return
+    ident = ckpt.state.get("identity") or {}
+    if any((s["domain"], s["round"]) == (ident.get("domain"), ident.get("round")) for s in manifest["stacks"]):
+        shutil.rmtree(ckpt_dir)
 
 
 def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None, progress: bool = True) -> dict:
@@ -93,6 +130,8 @@ def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None
     if failed:
         raise RuntimeError(f"cannot resume {run}: stack file(s) {failed} are unreadable; delete them and their "
                            "manifest entries, or start a new run")
+    ckpt_dir = run / ROUND_IN_PROGRESS
+    _discard_if_saved(ckpt_dir, manifest)
 
     data = {d: domain_data(preset, tok, d, preset.stack) for d in domains}  # (PackedExamples, ExampleSet)
     ns_cfg = replace(preset.stack, max_val_examples=cc.ns_examples)  # the directions' own example count
@@ -112,22 +151,30 @@ def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None
                 basis = load_tensors(basis_file)
             else:
                 basis = build_basis(model, {d: ns_data[d] for d in earlier}, cc.ns_k, mode=cc.ns_basis,
-                                    new_domain_data=ns_data[domain] if cc.ns_data == "new" else None)
+                                    new_domain_data=ns_data[domain] if cc.ns_data == "new" else None,
+                                    max_share=cc.ns_max_share)
                 atomic_save_tensors(basis_file, basis)  # stored before any round: reproducible, inspectable
-            attach_projection(model, basis)
+            ns_capacity = capacity_by_projection(basis, cc.ns_k, len(earlier), cc.ns_basis, cc.ns_max_share)
+            message = capacity_warning(domain, ns_capacity, cc.ns_max_share)
+            if message:
+                warnings.warn(message, stacklevel=2)
+            # reference mode is the released code: projected in training-mode forwards only, so the round's
+            # evaluations (and the best-snapshot choice) see the stack as it will be stored
+            attach_projection(model, basis, training_only=cc.ns_mode == "reference")
             after_step = make_after_step(basis, cc.ns_mode)
         rounds = [s for s in manifest["stacks"] if s["domain"] == domain]
         r = len(rounds)
         while not _replay_stop_rule(rounds, preset):
             res = train_round(model, make_adapter("moe", preset.adapter), train, lambda: example_loss(model, val),
                               preset.stack, progress=progress, desc=f"{domain} round {r + 1}",
-                              after_step=after_step, round_index=r, ckpt_dir=run / "round_in_progress")
+                              after_step=after_step, round_index=r, ckpt_dir=ckpt_dir,
+                              owner={"domain": domain, "round": r + 1})
             freeze_active(model, domain)
             record = {"domain": domain, "round": r + 1, **res.to_dict()}
             save_stack(run, model, domain, r + 1, "moe", preset.adapter, meta=record)
             manifest["stacks"].append(record)
             write_manifest(run, manifest)  # the stack is on disk before the manifest names it
-            shutil.rmtree(run / "round_in_progress", ignore_errors=True)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)  # a kill before this leaves a stale checkpoint: see above
             rounds.append(record)
             r += 1
         detach_projection(model)  # frozen stacks run as they are stored (strict mode made them orthogonal)
@@ -136,6 +183,7 @@ def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None
         manifest["forgetting"]["matrix"][i] = row
         if basis is not None:
             manifest.setdefault("capacity", {})[domain] = _mean(capacity_report(basis).values())
+            manifest.setdefault("capacity_by_projection", {})[domain] = ns_capacity
         manifest["timings"][domain] = manifest["timings"].get(domain, 0.0) + time.time() - t0
         manifest["done"].append(domain)
         write_manifest(run, manifest)
@@ -193,12 +241,13 @@ def train_stage(preset: Preset, out: str | Path, compare_nullspace: bool = False
     out = Path(out)
     cc = preset.continual
     if compare_nullspace:
-        runs, capacity = {}, {}
+        runs, capacity, capacity_by_proj = {}, {}, {}
         for name, ns in (("without null-space", False), ("with null-space", True)):
             folder = out / ("nullspace" if ns else "no_nullspace")
             manifest = run_continual(replace(preset, continual=replace(cc, nullspace=ns)), out, folder, progress)
             runs[name] = manifest["forgetting"]
             capacity.update(manifest.get("capacity", {}))
+            capacity_by_proj.update(manifest.get("capacity_by_projection", {}))
         a, b = runs.values()
         diff = [[None if x is None or y is None else y - x for x, y in zip(ra, rb)]
                 for ra, rb in zip(a["matrix"], b["matrix"])]
@@ -209,9 +258,12 @@ def train_stage(preset: Preset, out: str | Path, compare_nullspace: bool = False
         name = "with null-space" if cc.nullspace else "without null-space"
         manifest = run_continual(preset, out, out, progress)
         forgetting, capacity = manifest["forgetting"], manifest.get("capacity", {})
+        capacity_by_proj = manifest.get("capacity_by_projection", {})
         result = {"domains": forgetting["domains"], "matrix": forgetting["matrix"], "runs": {name: forgetting}}
         analysis_run = out
     result["capacity"] = capacity  # per domain: protected directions as a share of d_out, mean over projections
+    # per domain, per projection: {"protected", "d_out", "share", "asked", "k_per_domain", "capped"} (nullspace.py)
+    result["capacity_by_projection"] = capacity_by_proj
     result["analysis"] = subspace_analysis(preset, out, analysis_run)
     result["paper"] = PAPER_FORGETTING
     atomic_write_json(out / "forgetting.json", result)

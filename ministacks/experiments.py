@@ -79,8 +79,9 @@ def run_compare(preset: Preset, out: str | Path, progress: bool = True, domain: 
         train, val = domain_data(preset, tok, domain, cfg)
         r = train_round(model, make_adapter(kind, preset.adapter), train, lambda: example_loss(model, val), cfg,
                         progress=progress, desc=f"compare {kind}")
+        # each arm is the first stack on a fresh base: the same stack seed, so the same data order
         result[kind] = {"params": r.params, "val_curve": r.val_curve, "seconds_per_step": r.seconds_per_step,
-                        "final": r.val_curve[-1][1], "best": r.best_loss}
+                        "final": r.val_curve[-1][1], "best": r.best_loss, "seed": r.seed}
         atomic_write_json(path, result)  # each finished arm is kept if the other is interrupted
     result["paper"] = PAPER_EXP1
     result["speed_ratio_moe_over_lora"] = result["moe"]["seconds_per_step"] / result["lora"]["seconds_per_step"]

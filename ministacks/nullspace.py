@@ -19,15 +19,28 @@ Paper vs released code (defaults first; spec §5):
   enforce   "strict": also B ← B − V(VᵀB) for every expert     | "reference": forward projection while training
             after every optimizer step: the stored stack        |   only; V is not stored, so the frozen stack
             itself writes nothing into V                        |   runs unprojected at inference and leaks
-  (the released code also skips the projection in eval-mode forwards: `attach_projection(training_only=True)`)
+  (the released code also skips the projection in eval-mode forwards, and so does the reference mode:
+   `attach_projection(training_only=True)`, so its evaluations see the stack as it will be stored)
+
+Capacity. Every earlier domain claims K directions of each projection's d_out, so the union grows by
+up to K per domain, and a narrow projection fills up: 4 earlier domains × K = 32 protect all 128 outputs
+of a k_proj with n_kv_head × head_dim = 2 × 64, and the fifth domain's k/v deltas would be exactly zero.
+A cap `max_share` bounds the protected share of every projection:
+
+    asked = K · m  (m earlier domains; K with mode="sum")         limit = ⌊max_share · d_out⌋
+    K' = K                   if asked ≤ limit
+    K' = ⌊limit / m⌋         otherwise: each earlier domain keeps its K' strongest directions
+
+so every earlier domain keeps an equal claim, and the ones it keeps are those its stacks write into
+most (the first columns of its V, sorted by singular value). `capacity_warning` says where it binds.
 
 Why the reference mode leaks. With the forward hook the gradient of each B_i is P (∂L/∂δ')(s g_i A_i x)ᵀ
 (P = I − VVᵀ), so its columns lie in the complement of V, and so does Adam's first moment, a sum of such
 gradients; weight decay, B ← (1 − lr·wd) B, is a scaling. Plain SGD would therefore keep B in the
 complement for ever (a test checks it). But Adam's step is m / (√v + ε) *elementwise*: dividing
 coordinate by coordinate rotates the update out of the subspace, so every step writes a little into V.
-While the hook is on nobody sees it (the forward uses δ P = δ(P B)); once the stack is frozen, the hook
-is gone and the stored B writes into V at inference.
+The training forwards never see it (they use δ P = δ(P B)); the evaluations (eval mode, unprojected)
+and, once the stack is frozen, inference do: the stored B writes into V.
 
 Why strict mode projects B after every step. The forward only ever sees P B, so with the hook on, the
 training trajectory (gradients, Adam's moments, P B itself) is the same whether B is projected after
@@ -40,6 +53,7 @@ This file implements
   - `randomized_svd`            Halko, Martinsson & Tropp (2011), by hand
   - `collect_deltas`            step 1, with forward hooks
   - `domain_bases`, `orthonormal_union`, `build_basis`, `capacity_report`   step 2 and the two modes
+  - `directions_per_domain`, `capacity_by_projection`, `capacity_warning`   the capacity cap
   - `project_out`, `attach_projection`, `detach_projection`                 step 3, in forward
   - `strict_project_`, `make_after_step`                                    strict enforcement
   - `leakage`, `layer_leakage`, `model_leakage`                            ‖δV‖/‖δ‖, the measurement
@@ -242,7 +256,7 @@ def domain_bases(model: nn.Module, data_by_domain: dict[str, ExampleSet], k: int
 
 def build_basis(model: nn.Module, data_by_domain: dict[str, ExampleSet], k: int, mode: str = "per_domain",
                 new_domain_data: ExampleSet | None = None, max_examples: int | None = None,
-                seed: int = 0) -> dict[str, torch.Tensor]:
+                seed: int = 0, max_share: float | None = None) -> dict[str, torch.Tensor]:
     """{layer name: V [d_out, K]} with orthonormal columns: the output directions to protect.
 
     data_by_domain: the earlier domains (keys) and their validation examples (values; unused, may be None,
@@ -252,23 +266,94 @@ def build_basis(model: nn.Module, data_by_domain: dict[str, ExampleSet], k: int,
       mode="sum" (released code): top-k of D (the sum of all frozen stacks), rows = every earlier domain's
                                  examples, one after the other → K = k
       new_domain_data: run on the new domain's examples instead (released code), in either mode.
+      max_share: at most this share of each layer's d_out is protected (`directions_per_domain`);
+                 None: no cap (a narrow layer may then be protected entirely).
     """
     if mode not in MODES:
         raise ValueError(f"unknown null-space mode {mode!r}; choose one of {MODES}")
     if not data_by_domain:
         raise ValueError("build_basis needs at least one earlier domain (the first domain has nothing to protect)")
+    m = len(data_by_domain)
     if mode == "per_domain":
         per = domain_bases(model, data_by_domain, k, new_domain_data, max_examples, seed)
-        return {name: orthonormal_union([b[name] for b in per.values()]) for name in next(iter(per.values()))}
+        basis = {}
+        for name, V0 in next(iter(per.values())).items():
+            keep = directions_per_domain(V0.shape[0], k, m, mode, max_share)
+            Vs = [b[name][:, :keep] for b in per.values()]  # randomized_svd sorts by singular value: strongest first
+            basis[name] = orthonormal_union(Vs) if keep else torch.zeros(V0.shape[0], 0)  # [d_out, 0]: nothing kept
+        return basis
     sets = [new_domain_data] if new_domain_data is not None else list(data_by_domain.values())
     parts = [collect_deltas(model, s, None, max_examples) for s in sets]
     D = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}  # [Σ n, d_out]
-    return _top_directions(D, k, torch.Generator().manual_seed(seed))
+    top = _top_directions(D, k, torch.Generator().manual_seed(seed))
+    return {name: V[:, : directions_per_domain(V.shape[0], k, m, mode, max_share)] for name, V in top.items()}
 
 
 def capacity_report(basis: dict[str, torch.Tensor]) -> dict[str, float]:
     """K / d_out per layer: the fraction of each output space later domains may no longer write into."""
     return {name: V.shape[1] / V.shape[0] for name, V in basis.items()}
+
+
+# -- capacity: how much of each output space may be protected ------------------------------------------------
+
+
+def directions_per_domain(d_out: int, k: int, n_domains: int, mode: str = "per_domain",
+                          max_share: float | None = None) -> int:
+    """K' = the directions each earlier domain keeps on a d_out-wide layer (mode="sum": K' in all).
+
+        asked = k · n_domains (per_domain) or k (sum),   limit = ⌊max_share · d_out⌋
+        K' = k when asked ≤ limit, else ⌊limit / n_domains⌋ (per_domain) or limit (sum)
+
+    The union then protects at most K' · n_domains ≤ limit directions. max_share=None: no cap (K' = k)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown null-space mode {mode!r}; choose one of {MODES}")
+    if max_share is None:
+        return k
+    if not 0 < max_share <= 1:
+        raise ValueError(f"ns_max_share={max_share} must be in (0, 1]: the share of each projection's outputs "
+                         "earlier domains may protect (ContinualConfig in ministacks/continual.py)")
+    claimants = n_domains if mode == "per_domain" else 1
+    limit = int(max_share * d_out)
+    return k if k * claimants <= limit else limit // claimants
+
+
+def capacity_by_projection(basis: dict[str, torch.Tensor], k: int, n_domains: int, mode: str = "per_domain",
+                           max_share: float | None = None) -> dict[str, dict]:
+    """{layer name: {"protected", "d_out", "share", "asked", "k_per_domain", "capped"}} for a basis built
+    from `n_domains` earlier domains with `build_basis(..., k, mode, max_share=max_share)`.
+
+    protected = the basis' K (the union drops directions two domains share, so it can be below asked),
+    share = protected / d_out, asked = k · n_domains (k with mode="sum"), k_per_domain = K' and
+    capped = K' < k (the cap cut some domains' directions on this layer)."""
+    out = {}
+    for name, V in basis.items():
+        d_out, protected = V.shape
+        keep = directions_per_domain(d_out, k, n_domains, mode, max_share)
+        out[name] = {"protected": protected, "d_out": d_out, "share": protected / d_out,
+                     "asked": k * (n_domains if mode == "per_domain" else 1), "k_per_domain": keep,
+                     "capped": keep < k}
+    return out
+
+
+def capacity_warning(domain: str, report: dict[str, dict], max_share: float | None) -> str | None:
+    """One message for the whole domain, or None: the projections (by type, q_proj … down_proj) where the
+    cap binds or where every output direction is protected (the new domain's delta would be zero there)."""
+    by_type: dict[str, list[dict]] = {}
+    for name, rec in report.items():
+        if rec["capped"] or rec["protected"] >= rec["d_out"]:
+            by_type.setdefault(name.split(".")[-1], []).append(rec)
+    if not by_type:
+        return None
+    parts = []
+    for proj, recs in by_type.items():
+        r = max(recs, key=lambda x: x["share"])
+        what = (f"K cut to {r['k_per_domain']}, {r['protected']} of {r['d_out']} protected"
+                if r["capped"] else f"all {r['d_out']} outputs protected: {domain}'s delta is zero there")
+        parts.append(f"{proj} ({len(recs)} layer(s), asked {r['asked']} of {r['d_out']} directions: {what})")
+    cap = "no cap" if max_share is None else f"ns_max_share={max_share:g}"
+    return (f"null-space capacity while training {domain} ({cap}): " + "; ".join(parts) +
+            ". Lower ns_k, raise ns_max_share or widen the model (ContinualConfig in ministacks/presets.py); "
+            "the manifest records it under capacity_by_projection")
 
 
 # -- step 3: projection in forward, and strict enforcement on B -------------------------------------------
@@ -315,7 +400,8 @@ def _named_layers(model: nn.Module, basis: dict[str, torch.Tensor]) -> list[tupl
 
 
 def attach_projection(model: nn.Module, basis: dict[str, torch.Tensor], training_only: bool = False) -> None:
-    """Project the active stack's delta in every StackedLinear's forward (training and inference)."""
+    """Project the active stack's delta in every StackedLinear's forward (training and inference), or
+    with training_only=True in training-mode forwards only (the released code; continual's reference mode)."""
     for _, layer, V in _named_layers(model, basis):
         if V.shape[0] != layer.out_features:
             raise ValueError(f"basis of width {V.shape[0]} for a layer with {layer.out_features} outputs")
@@ -344,7 +430,9 @@ def strict_project_(model: nn.Module, basis: dict[str, torch.Tensor]) -> None:
 def make_after_step(basis: dict[str, torch.Tensor], mode: str = "strict") -> Callable[[nn.Module], None] | None:
     """The `after_step` for `train_round`: strict projection of B after every optimizer step, or None.
 
-    In both modes call `attach_projection` before the round. Freezing moves the adapter out of the
+    Call `attach_projection` before the round: in strict mode in every forward (the stack it evaluates is
+    the one it stores, B being projected), in reference mode with training_only=True, as the released code
+    does, so that its evaluations too see the stack as stored. Freezing moves the adapter out of the
     layer's `active` slot, beyond the reach of `project_active`: a frozen stack always runs as stored.
     That is the released code's situation (it does not save V), and why only strict mode, which makes
     the stored B itself orthogonal, keeps the protection at inference."""

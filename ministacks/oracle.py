@@ -1,17 +1,30 @@
 """Outcome-based targets for the meta-router (spec §6): which stacks *actually* help a prompt.
 
 A domain label says where a prompt came from, not which stacks lower its loss. The oracle measures
-it: for a prompt with an answer, the loss on the answer under every combination of domain stacks
-(each domain in the combination at weight 1, the others off), and the best combination wins.
+it: for a prompt with an answer, the loss on the answer under combinations of domain stacks, and the
+best combination wins. A combination is a set of domains; it runs each of them at weight 1, the others
+off — and chat at max(w_chat, 0.2) whenever any stack is on, because inference never runs chat below
+its floor (router.routing_weights): so "math" is evaluated as {math: 1, chat: 0.2}, the configuration
+the router would actually produce for it (released code; `RouterConfig.oracle_chat_floor=False` runs
+chat only when it is in the set). The base (no stack at all) is the reference every search starts from.
 
-    exhaustive (default, D ≤ 5):   all 2^D − 1 combinations, each evaluated on the whole batch at once
-                                   (31 batched passes for 5 domains, instead of a pass per prompt); the
-                                   winner minimises loss + 0.01·|combination|: as in the greedy search,
-                                   every domain switched on must pay for itself by 0.01
-    greedy (the released code):    best single domain if it beats the base; then add a domain when it
-                                   lowers the loss by more than 0.01, until none does
+    exhaustive (default, D ≤ 5)   every subset of the domains, and the base: 2^D configurations, each
+                                  evaluated on the whole batch at once (32 batched passes for 5 domains,
+                                  instead of a pass per prompt). The winner minimises
+                                  loss + 0.01·|combination|: as in the greedy search, every domain
+                                  switched on must pay for itself by 0.01.
 
-Then, per prompt (released code's rules):
+    greedy (the released code)    per prompt, exactly as the released code searches:
+        best single domain j; if its loss is not below the base's, the base wins and the search ends
+        chosen = {j}, best = loss(j)
+        repeat (a "pass"):
+            for d in the domains in index order, skipping chosen ones:
+                if loss(chosen ∪ {d}) < best − 0.01:  chosen ∪= {d}; best = loss(chosen)
+                (the pass goes on with the next domain on top of the combination as updated: it does
+                 not restart from the first domain after an acceptance)
+        until a pass accepts nothing
+
+Then, per prompt, whichever search found the winner (released code's rules):
 
     found_d   = 1 if d is in the best combination else 0            (all 0 if nothing beats the base)
     found_r   = 0.5 if reasoning is not in it but adding it lowers the loss at all
@@ -48,20 +61,41 @@ def all_combinations(domains: Sequence[str]) -> list[tuple[str, ...]]:
     return [c for k in range(1, len(domains) + 1) for c in itertools.combinations(domains, k)]
 
 
-class ComboLosses:
-    """Per-example losses under stack combinations, each computed once on the whole ExampleSet."""
+def combo_weights(combo: Sequence[str], chat_floor: float | None) -> dict[str, float]:
+    """The stack weights a combination runs with: its domains at 1, chat at least `chat_floor` when any
+    stack is on (None: no floor). The base, (), is {}: every stack off."""
+    weights = {d: 1.0 for d in combo}
+    if combo and chat_floor is not None:
+        weights["chat"] = max(weights.get("chat", 0.0), chat_floor)
+    return weights
 
-    def __init__(self, model: nn.Module, data: ExampleSet):
+
+class ComboLosses:
+    """Per-example losses under stack combinations, each computed once on the whole ExampleSet.
+
+    `chat_floor`: chat's weight in every non-empty combination is at least this (None: no floor); a run
+    without a chat domain has nothing to floor."""
+
+    def __init__(self, model: nn.Module, data: ExampleSet, chat_floor: float | None = None):
         empty = int((data.scored == 0).sum())
         if empty:  # its loss would be 0 under every combination, and the base would "win" it
             raise ValueError(f"{empty} example(s) have no scored token (the answer does not fit in the context): "
                              "leave them out (see routing.answerable)")
-        self.model, self.data = model, data
+        self.model, self.data, self.chat_floor = model, data, chat_floor
         self.table: dict[tuple[str, ...], torch.Tensor] = {}  # combination -> [N]
+
+    @classmethod
+    def from_table(cls, table: dict[tuple[str, ...], torch.Tensor]) -> ComboLosses:
+        """Losses already measured (an OracleResult's): asking for a combination not in `table` is an error."""
+        losses = cls.__new__(cls)
+        losses.model, losses.data, losses.chat_floor, losses.table = None, None, None, dict(table)
+        return losses
 
     def __call__(self, combo: tuple[str, ...]) -> torch.Tensor:
         if combo not in self.table:
-            with stack_setting(self.model, {d: 1.0 for d in combo}, base_only=combo == BASE):
+            if self.model is None:
+                raise KeyError(f"combination {combo_name(combo)} was never measured")
+            with stack_setting(self.model, combo_weights(combo, self.chat_floor), base_only=combo == BASE):
                 self.table[combo] = example_losses(self.model, self.data)
         return self.table[combo]
 
@@ -99,35 +133,36 @@ def exhaustive_best(losses: ComboLosses, domains: Sequence[str], min_gain: float
 
 
 def greedy_best(losses: ComboLosses, domains: Sequence[str], min_gain: float) -> list[tuple[str, ...]]:
-    """The released code's search, per example (combinations evaluated lazily, each on the whole batch)."""
+    """The released code's search, per example (see the module docstring); combinations are evaluated
+    lazily, each on the whole batch, so a combination two examples both try costs one pass."""
     base = losses(BASE)
     singles = torch.stack([losses((d,)) for d in domains])  # [D, N]
     best = []
     for i in range(len(base)):
         j = int(singles[:, i].argmin())
-        if singles[j, i] >= base[i]:
+        if not singles[j, i] < base[i]:  # no single domain beats the base at all
             best.append(BASE)
             continue
-        chosen, current = [domains[j]], float(singles[j, i])
-        improved = True
-        while improved:
-            improved = False
+        chosen, current = {domains[j]}, float(singles[j, i])
+        accepted = True
+        while accepted:  # one pass over the remaining domains, in index order
+            accepted = False
             for d in domains:
                 if d in chosen:
                     continue
                 trial = tuple(x for x in domains if x in chosen or x == d)
                 loss = float(losses(trial)[i])
-                if loss < current - min_gain:
-                    chosen, current, improved = list(trial), loss, True
-                    break  # first improvement
-        best.append(tuple(chosen))
+                if loss < current - min_gain:  # accept, and go on with the next domain on top of it
+                    chosen, current, accepted = set(trial), loss, True
+        best.append(tuple(x for x in domains if x in chosen))
     return best
 
 
 def find_targets(losses: ComboLosses, labels: Sequence[str], domains: Sequence[str],
                  cfg: RouterConfig = RouterConfig()) -> OracleResult:
     """Search the best combination for every example (`labels`: each one's domain) and build targets.
-    `losses(combo)` gives every example's loss under a combination (ComboLosses on a model and data)."""
+    `losses(combo)` gives every example's loss under a combination (ComboLosses on a model and data,
+    built with `chat_floor=oracle_floor(cfg, domains)` so that its combinations run as inference would)."""
     domains = tuple(domains)
     if cfg.search == "exhaustive":
         best = exhaustive_best(losses, domains, cfg.min_gain)
@@ -151,6 +186,12 @@ def find_targets(losses: ComboLosses, labels: Sequence[str], domains: Sequence[s
     onehot[torch.arange(N), torch.tensor([domains.index(lab) for lab in labels])] = 1.0
     targets = ((1 - cfg.label_weight) * found + cfg.label_weight * onehot).clamp(0, 1)
     return OracleResult(domains, best, found, targets, dict(losses.table))  # every combination evaluated
+
+
+def oracle_floor(cfg: RouterConfig, domains: Sequence[str]) -> float | None:
+    """The chat weight floor the oracle's combinations run with: the inference rule's, when the run has
+    a chat domain and `cfg.oracle_chat_floor` is on; else None."""
+    return cfg.chat_floor if cfg.oracle_chat_floor and "chat" in domains else None
 
 
 def shares(names: Sequence[str]) -> dict[str, float]:

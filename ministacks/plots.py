@@ -170,8 +170,9 @@ def plot_router(result: dict, path: str | Path) -> Path:
     epochs = [r["epoch"] for r in h]
     a.plot(epochs, [r["train_loss"] for r in h], "o-", label="train loss (BCE + margin)")
     a.plot(epochs, [r["bce"] for r in h], "o-", label="val BCE")
-    a.plot(epochs, [r["single_top1"] for r in h], "s--", label="val single top-1")
-    a.plot(epochs, [r["mixed_set_match"] for r in h], "s--", label="val mixed set match")
+    a.plot(epochs, [r["single_top1"] for r in h], "s--", label="val single top-1 (targets)")
+    a.plot(epochs, [r["mixed_set_match"] for r in h], "s--", label="val mixed set match (targets)")
+    a.plot(epochs, [r["label_top1"] for r in h], ":", color="grey", label="val top-1 against domain labels")
     a.axvline(result["best_epoch"], color="grey", ls=":", label="kept epoch")
     a.set_xlabel("epoch")
     a.set_title("router training")
@@ -199,7 +200,8 @@ def plot_eval(result: dict, path: str | Path) -> Path:
             vals = [result["results"].get(f"{mode}/{d}", {}).get(metric) for d in domains]
             ax.bar(x + (i - (len(modes) - 1) / 2) * width, [np.nan if v is None else v for v in vals], width, label=mode)
         ax.set_xticks(x, domains)
-        ax.set_title("test loss (lower is better)" if metric == "loss" else "task accuracy (chat: nothing checkable)")
+        ax.set_title("test loss (lower is better)" if metric == "loss"
+                     else "task accuracy (code: HumanEval pass@1; chat: nothing checkable)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)

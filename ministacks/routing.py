@@ -2,13 +2,15 @@
 
     1. prompts   each domain's validation examples (the stacks never trained on them; the evaluation
                  reads the test split) + mixed-domain prompts built from the same split (data/mixed.py)
-    2. targets   oracle.py: every combination of domain stacks on every answer (cached in RUN/router/)
+    2. targets   oracle.py: every combination of domain stacks on every answer, chat at its inference
+                 floor (cached in RUN/router/)
     3. features  the raw prompt through the base with every stack off (router.prompt_features)
     4. split     by prompt groups: prompts sharing a source example stay on one side (no leak)
     5. train     router.train_router; the best epoch by the paper's selection score
     6. write     RUN/router/model.safetensors + config.json (the router), RUN/router.json (what it learned:
-                 single_top1, mixed_set_match, the oracle's winning combinations per domain, the routes
-                 the router picks per domain) and RUN/router.png
+                 single_top1 and mixed_set_match against the targets, label_top1 and label_set_match
+                 against the domain labels, the oracle's winning combinations per domain under both
+                 searches, the routes the router picks per domain) and RUN/router.png
 
 Run again, it reuses the cached targets (the expensive part) if the stacks and prompts are unchanged.
 """
@@ -16,7 +18,6 @@ Run again, it reuses the cached targets (the expensive part) if the stacks and p
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -26,9 +27,10 @@ import torch.nn as nn
 
 from .data import MIXED_KINDS, load_split, mixed_prompts, raw_prompt
 from .io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
-from .oracle import ComboLosses, OracleResult, combo_name, find_targets, shares, winning_shares
+from .oracle import (ComboLosses, OracleResult, combo_name, exhaustive_best, find_targets, greedy_best, oracle_floor,
+                     shares, winning_shares)
 from .router import MetaRouter, RouterConfig, RouterData, prompt_features, router_metrics, routing_weights, train_router
-from .store import base_fingerprint
+from .store import base_fingerprint, content_key
 from .train import ExampleSet
 
 ROUTER_DIR = "router"
@@ -67,26 +69,37 @@ def group_split(sources: list[tuple[str, ...]], val_fraction: float, seed: int) 
     return train, val
 
 
-def _targets_key(manifest: dict, examples: list, cfg: RouterConfig) -> str:
-    stacks = [(s["domain"], s["round"]) for s in manifest["stacks"]]
-    keys = [ex.key() for ex in examples]
-    search = [cfg.search, cfg.min_gain, cfg.chat_floor, cfg.reasoning_soft, cfg.label_weight]
-    return hashlib.sha256(json.dumps([manifest["base_fingerprint"], stacks, keys, search]).encode()).hexdigest()
+def _targets_key(run: Path, manifest: dict, examples: list, cfg: RouterConfig) -> str:
+    """The oracle's cache key: the stacks' content (store.content_key), the prompts, the search's settings."""
+    search = [cfg.search, cfg.min_gain, cfg.chat_floor, cfg.oracle_chat_floor, cfg.reasoning_soft, cfg.label_weight]
+    return content_key(run, manifest, [ex.key() for ex in examples], search)
 
 
 def oracle_targets(model: nn.Module, tok, examples: list, domains: tuple[str, ...], manifest: dict, run: Path,
                    cfg: RouterConfig, seq_len: int) -> OracleResult:
     """find_targets on the answers (completion-only loss), cached in RUN/router/targets.json."""
     path = run / ROUTER_DIR / "targets.json"
-    key = _targets_key(manifest, examples, cfg)
+    key = _targets_key(run, manifest, examples, cfg)
     if path.is_file():
         cached = read_json(path)
         if cached.get("key") == key:
             return OracleResult.from_dict(cached["result"])
     data = ExampleSet(tok, examples, completion_only=True, max_len=seq_len)
-    result = find_targets(ComboLosses(model, data), [ex.domain for ex in examples], domains, cfg)
+    result = find_targets(ComboLosses(model, data, oracle_floor(cfg, domains)), [ex.domain for ex in examples],
+                          domains, cfg)
     atomic_write_json(path, {"key": key, "result": result.to_dict()})
     return result
+
+
+def searches_compared(oracle: OracleResult, labels: list[str], cfg: RouterConfig) -> dict:
+    """Both searches' winning combinations per domain, from the losses the oracle already measured: the
+    exhaustive search measures every combination, so the greedy search's answer costs nothing more.
+    After a greedy search only the greedy answer is known (its table lacks combinations it never tried)."""
+    losses = ComboLosses.from_table(oracle.losses)
+    out = {"greedy": winning_shares(greedy_best(losses, oracle.domains, cfg.min_gain), labels, oracle.domains)}
+    if cfg.search == "exhaustive":
+        out["exhaustive"] = winning_shares(exhaustive_best(losses, oracle.domains, cfg.min_gain), labels, oracle.domains)
+    return out
 
 
 def answerable(tok, examples: list, max_len: int) -> list:
@@ -168,12 +181,18 @@ def route_stage(path: str | Path, preset: str | None = None, progress: bool = Tr
     final = router_metrics(router, val, cfg)
     result = {
         "domains": list(domains),
+        # against the oracle's targets, the quantities the router is trained on and selected by
         "single_top1": final["single_top1"],
         "mixed_set_match": final["mixed_set_match"],
+        # against the prompts' domain labels: how often the router agrees with where a prompt came from
+        "label_top1": final["label_top1"],
+        "label_set_match": final["label_set_match"],
         "val_bce": final["bce"],
         "best_epoch": fit["best_epoch"],
         "history": fit["history"],
         "oracle": winning_shares(oracle.best, [ex.domain for ex in singles], domains),
+        "oracle_by_search": searches_compared(oracle, [ex.domain for ex in singles], cfg),
+        "oracle_chat_floor": oracle_floor(cfg, domains),
         "oracle_mean_loss": {combo_name(c): float(v.mean()) for c, v in oracle.losses.items()},
         "routes": routes,
         "n_prompts": {"single": len(singles), "mixed": len(mixed), "train": len(train_rows), "val": len(val_rows)},

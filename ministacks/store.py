@@ -19,7 +19,8 @@ Layout of a run folder (the base and tokenizer come from `pretrain`, see `pretra
                                          "layers.0.self_attn.q_proj.lora_A", "...q_proj.router.weight", ...
             chat_r01.json              domain, round, adapter kind + AdapterConfig (to rebuild it without
                                        guessing), base fingerprint, sha256 and size of the tensor file,
-                                       and the caller's `meta` (val losses, steps, ...)
+                                       the caller's `meta` (val losses, steps, seed, ...), and
+                                       `record_sha256`, a checksum over all of the above
             chat_r02.safetensors, chat_r02.json, code_r01.safetensors, ...
 
 Why a stack survives a kill at any moment. Every file is written atomically (temporary file, fsync,
@@ -37,6 +38,13 @@ sha256 check reports that as a corrupted file instead of loading a mismatched st
 Why a sha256 on top of safetensors' own checks: safetensors notices a file cut short in its header or
 its tensor table, but a flipped byte inside the tensor data parses as a valid (wrong) number, and a
 stack that silently adds noise to every projection is worse than one that refuses to load.
+
+Why a second sha256, over the JSON record: the record is half of the stack. Its AdapterConfig sets the
+scale s = α/√r, the routing (top-k, top-p, dense), the rank; its kind, domain and round say what the
+tensors are. An edited lora_alpha loads tensors that fit perfectly and computes a different delta. So
+`record_sha256` covers the whole record (tensor checksum and `meta` included), and any edit is a load
+error naming the JSON file. Records written before it existed (stack format version 1) still load,
+with a warning that their settings are unchecked; retrain (or re-save) the stack to get a checked one.
 
 Why the base fingerprint: a stack is a correction *to one particular base*. On any other base (other
 seed, other pretraining run, 4-bit instead of fp32) its deltas are meaningless, so loading is refused
@@ -70,7 +78,8 @@ from .io import atomic_write_bytes, atomic_write_json, read_json
 from .stacks import AdapterConfig, StackedLinear, freeze_active, make_adapter
 
 STACK_FORMAT = "ministacks-stack"  # written into every stack JSON and safetensors header
-STACK_VERSION = 1
+STACK_VERSION = 2  # 2: the record carries record_sha256 (1: without it; still read, with a warning)
+READABLE_VERSIONS = (1, 2)
 MANIFEST_VERSION = 1
 MANIFEST = "manifest.json"
 STACKS_DIR = "stacks"
@@ -206,7 +215,7 @@ def save_stack(run: str | Path, model: nn.Module, domain: str, round: int, kind:
     data = safetensors_to_bytes(tensors, metadata=header)
     atomic_write_bytes(tensor_path, data)  # 1. the tensors
 
-    record = {
+    record: dict[str, Any] = {
         "format": STACK_FORMAT,
         "version": STACK_VERSION,
         "name": name,
@@ -224,10 +233,18 @@ def save_stack(run: str | Path, model: nn.Module, domain: str, round: int, kind:
         "n_params": sum(t.numel() for t in tensors.values()),
         "meta": meta if meta is not None else {},
     }
+    record["record_sha256"] = record_checksum(record)
     atomic_write_json(json_path, record)  # 2. the record; 3. the manifest entry is the caller's
     for adapter in adapters:
         adapter.stack_id = name  # so that loading the same stack into this model again is refused
     return tensor_path
+
+
+def record_checksum(record: dict[str, Any]) -> str:
+    """sha256 (hex) of the record without its "record_sha256": its canonical JSON (sorted keys, no spaces),
+    taken as it reads back from disk, so that the same record always gives the same checksum."""
+    body = json.loads(json.dumps({k: v for k, v in record.items() if k != "record_sha256"}))
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _read_record(json_path: Path, domain: str, round: int) -> dict[str, Any]:
@@ -242,9 +259,18 @@ def _read_record(json_path: Path, domain: str, round: int) -> dict[str, Any]:
     lacking = [k for k in need if k not in record] if isinstance(record, dict) else list(need)
     if lacking:
         raise StackFileError(json_path, f"not a ministacks stack record: lacks {lacking}")
-    if record["format"] != STACK_FORMAT or record["version"] != STACK_VERSION:
+    if record["format"] != STACK_FORMAT or record["version"] not in READABLE_VERSIONS:
         raise StackFileError(json_path, f"format {record['format']!r} version {record['version']!r}; "
-                                        f"this ministacks reads {STACK_FORMAT!r} version {STACK_VERSION}")
+                                        f"this ministacks reads {STACK_FORMAT!r} versions {READABLE_VERSIONS}")
+    if record["version"] == 1:
+        warnings.warn(f"{json_path}: a stack record of format version 1, without a checksum over its settings: "
+                      "loaded, but an edit to its adapter_config would go unnoticed. Retrain the stack (or "
+                      "re-save it with store.save_stack) to get a checked record", stacklevel=3)
+    elif record.get("record_sha256") != record_checksum(record):
+        raise StackFileError(json_path, "edited: the record does not match its record_sha256. Its settings "
+                                        "(adapter_config, kind, domain, round, base) are part of the stack — "
+                                        "changed, the same tensors compute another delta. Restore the file "
+                                        "from a backup, or retrain this stack")
     if (record["domain"], record["round"]) != (domain, round):
         raise StackFileError(json_path, f"describes stack {record['domain']!r} round {record['round']}, "
                                         f"not {domain!r} round {round}: was it renamed by hand?")
@@ -407,3 +433,28 @@ def read_manifest(run: str | Path) -> dict[str, Any] | None:
 def write_manifest(run: str | Path, manifest: dict[str, Any]) -> None:
     """Atomically replace RUN/manifest.json: a kill leaves the old manifest or the new one, never half."""
     atomic_write_json(Path(run) / MANIFEST, manifest)
+
+
+# -- cache keys ------------------------------------------------------------------------------------
+
+
+def content_key(run: str | Path, manifest: dict[str, Any], *settings: Any) -> str:
+    """sha256 (hex) over what a cached result was computed from: the base fingerprint, the checksums of
+    every stack in `manifest` (its tensor file's sha256 and its record's, read from RUN/stacks/*.json;
+    loading verifies both against the files) and `settings` (anything JSON-serialisable: prompts,
+    search settings, a router's checksum, ...).
+
+    Keyed by content, not by names: retraining `code_r01` into the same folder writes new tensors under
+    the same name, and a key built from (domain, round) would hand back the old stack's numbers."""
+    stacks = []
+    for entry in manifest.get("stacks", []):
+        json_path = stack_paths(run, entry["domain"], entry["round"])[1]
+        record = read_json(json_path) if json_path.is_file() else {}
+        stacks.append([stack_name(entry["domain"], entry["round"]), record.get("sha256"), record.get("record_sha256")])
+    blob = json.dumps([manifest.get("base_fingerprint"), stacks, list(settings)], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

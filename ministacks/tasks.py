@@ -9,13 +9,26 @@ or else the last number"). Our five domains (ministacks/data) make that check co
     reasoning  the text after </think> == the answer (case, spaces, final "." ignored)  score_reasoning
     medical    ICD-10-CM: the first code-like token == the code                 score_medical
                HPO definition / feature list: content-word F1 >= 0.5 vs the reference
-    code       a proxy: the completion parses, and running it in the sandbox    score_code
-               defines a callable of the requested name and parameter names
+    code       nothing checkable on the stdlib split (correct is None): it has  check_code_format
+               no unit tests, so only a FORMAT CHECK runs there (parses, and
+               defines a callable of the requested name and parameter names);
+               the code domain's accuracy is HumanEval pass@1 (humaneval.py)
     chat       nothing checkable: correct is None                               (score)
 
 `score(domain, example, generated)` dispatches and always returns a dict with the key "correct"
-(True/False, or None for chat), plus what the scorer saw ("predicted", "f1", "reason").
-Everything here is a pure function of its inputs except `score_code`, which runs a subprocess
+(True/False, or None for chat and code), plus what the scorer saw ("predicted", "f1", "reason",
+and for code "format_ok").
+
+Why the stdlib split gets a format check and not a behaviour check: comparing the generated function
+with the original needs inputs to call both on, and the only inputs the data has are doctests. Only
+7 of the 200 quick-preset test functions have any, and 5 of those 7 are methods that need an instance
+of their class — behaviour could be checked on 1% of the split. A check that `def isabs(s): return 42`
+passes is not accuracy, so it is reported under its own name (`format_ok`), never as "accuracy".
+
+`wilson_interval` gives a 95% interval for any of these shares (a pass rate on 20 examples is
+±20 points; the interval says so).
+
+Everything here is a pure function of its inputs except `check_code_format`, which runs a subprocess
 (deterministic all the same: same code, same verdict).
 """
 
@@ -23,8 +36,10 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import math
 import re
 from collections import Counter
+from statistics import NormalDist
 
 from .data.example import Example, check_domain
 from .sandbox import run_python
@@ -34,8 +49,9 @@ CHECKS: dict[str, str] = {
     "reasoning": "the text after </think> equals the answer, ignoring case, spacing and a final period",
     "medical": "ICD-10-CM: first code-like token equals the code; HPO definitions and feature lists: "
                "content-word F1 >= 0.5 against the reference",
-    "code": "proxy, no unit tests in the data: parses, and defining it in the sandbox yields a callable "
-            "with the requested name and parameter names",
+    "code": "format check only, not accuracy (the stdlib split has no unit tests): parses, and defining it "
+            "in the sandbox yields a callable with the requested name and parameter names; the code domain's "
+            "accuracy is HumanEval pass@1 (its unit tests run in the sandbox)",
     "chat": "nothing checkable (correct is None)",
 }
 
@@ -159,7 +175,7 @@ _SIGNATURE = re.compile(r"`(?P<name>[A-Za-z_][\w.]*)\((?P<args>.*?)\)`", re.DOTA
 # snippet may define a function called `list` or `print`.
 _CHECKER = '''
 
-# --- ministacks.tasks.score_code: check the definition, never call it ---
+# --- ministacks.tasks.check_code_format: check the definition, never call it ---
 import builtins as _b
 import inspect as _inspect
 
@@ -216,40 +232,65 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def score_code(generated: str, example: Example, timeout: float = 5.0) -> dict:
-    """A proxy for "the function is right", since the data has no unit tests (data/code.py): the
-    whole completion must parse, and running it (with `_CHECKER` appended) in the sandbox must define
-    a callable with the requested name and exactly the requested parameter names, without raising.
+def check_code_format(generated: str, example: Example, timeout: float = 5.0) -> dict:
+    """A FORMAT CHECK, not a correctness check (the stdlib split has no unit tests, see the module
+    docstring): the whole completion must parse, and running it (with `_CHECKER` appended) in the
+    sandbox must define a callable with the requested name and exactly the requested parameter names,
+    without raising. The function is never called, so `def isabs(s): return 42` passes.
 
-    Returns {"correct": bool, "reason": "ok" or why not}.
+    Returns {"format_ok": bool, "reason": "ok" or why not}.
     """
     wanted = requested_signature(example.instruction)
     if wanted is None:
-        return {"correct": False, "reason": "instruction names no `name(args)` signature"}
+        return {"format_ok": False, "reason": "instruction names no `name(args)` signature"}
     try:
         ast.parse(generated)
     except (SyntaxError, ValueError) as e:  # ValueError: a null byte in the source
-        return {"correct": False, "reason": f"syntax error: {e}"}
+        return {"format_ok": False, "reason": f"syntax error: {e}"}
     # the verdict line starts with a marker derived from the code itself: a snippet cannot contain its
     # own hash, so it cannot print a verdict by accident, and the same code always gets the same marker
     marker = "ministacks-verdict-" + hashlib.sha256(generated.encode()).hexdigest()[:16]
     name, params = wanted
     result = run_python(generated + _CHECKER.format(marker=marker, name=name, params=params), timeout=timeout)
     if result.timed_out:
-        return {"correct": False, "reason": f"timed out after {timeout:g} s"}
+        return {"format_ok": False, "reason": f"timed out after {timeout:g} s"}
     verdicts = [line for line in result.stdout.splitlines() if line.startswith(marker + " ")]
     if verdicts:
         verdict = verdicts[-1].removeprefix(marker + " ")
-        return {"correct": verdict == "ok", "reason": verdict}
+        return {"format_ok": verdict == "ok", "reason": verdict}
     if result.returncode != 0:
-        return {"correct": False, "reason": f"raised: {_last_line(result.stderr) or f'exit status {result.returncode}'}"}
-    return {"correct": False, "reason": "exited before the check ran"}
+        return {"format_ok": False, "reason": f"raised: {_last_line(result.stderr) or f'exit status {result.returncode}'}"}
+    return {"format_ok": False, "reason": "exited before the check ran"}
+
+
+# --- a 95% interval for any of these shares -------------------------------------------------------
+
+Z_95 = NormalDist().inv_cdf(0.975)  # 1.95996...: the two-sided 95% point of the standard normal
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a binomial share k/n (Wilson 1927): the p for which the observed share
+    is within z standard errors, |k/n - p| <= z·sqrt(p(1-p)/n). Solving that quadratic in p gives
+
+        centre = (p̂ + z²/2n) / (1 + z²/n),   half-width = z/(1 + z²/n) · sqrt(p̂(1-p̂)/n + z²/4n²)
+
+    Unlike the textbook p̂ ± z·sqrt(p̂(1-p̂)/n), it stays inside [0, 1] and does not shrink to a point
+    at 0/n or n/n — which is where small models on HumanEval live (0 of 164 is not "exactly 0%").
+    """
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"a Wilson interval needs 0 <= successes <= n and n >= 1, got {successes} of {n}")
+    share, z2 = successes / n, z * z
+    centre = (share + z2 / (2 * n)) / (1 + z2 / n)
+    half = z / (1 + z2 / n) * math.sqrt(share * (1 - share) / n + z2 / (4 * n * n))
+    # at 0/n and n/n the bound is exactly 0 (or 1); clamp the float rounding around it
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # --- all domains ----------------------------------------------------------------------------------
 
 def score(domain: str, example: Example, generated: str, code_timeout: float = 5.0) -> dict:
     """Score one generation for `example` of `domain`; the dict always has "correct" (see CHECKS).
+    Code (stdlib split): "correct" is None and "format_ok" holds the format check's verdict.
     `code_timeout`: seconds a generated function's sandboxed run may take (code only)."""
     check_domain(domain)
     if domain in ("math", "reasoning") and example.answer is None:
@@ -260,6 +301,6 @@ def score(domain: str, example: Example, generated: str, code_timeout: float = 5
         return {"correct": score_reasoning(generated, example.answer), "predicted": final_answer(generated)}
     if domain == "medical":
         return score_medical(generated, example)
-    if domain == "code":
-        return score_code(generated, example, timeout=code_timeout)
+    if domain == "code":  # no unit tests in the stdlib split: a format check, reported as one
+        return {"correct": None, **check_code_format(generated, example, timeout=code_timeout)}
     return {"correct": None}  # chat: open-ended replies, no reference answer to check

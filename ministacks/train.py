@@ -19,6 +19,17 @@ when it stops the loop.
 One loss definition everywhere (spec §4): the validation loss of a domain is the token-weighted mean
 cross-entropy over its validation examples, each example on its own (no packing), over all tokens of
 the Alpaca-formatted text, or over the response tokens only with `completion_only`.
+
+Every stack has its own seed (`stack_seed`), a function of the run's seed and of how many stacks the
+model already holds frozen: it seeds the stack's initialisation (the A matrices and routers), its
+routing noise and its data order. Two domains' first stacks therefore start from different A matrices,
+and two rounds of one domain see different batches; the runs an experiment compares (MoE vs LoRA on a
+fresh base, with and without null-space) get the same seed for the same stack, and a resumed run gets
+the seed it had. The seed is recorded in the round's result (and so in the stack's manifest record).
+
+A round's checkpoint names the round it belongs to (stack index, seed, round index and whatever the
+caller adds, e.g. the domain) and is refused by any other round: resuming from another round's
+checkpoint would silently train (or duplicate) the wrong stack.
 """
 
 from __future__ import annotations
@@ -63,7 +74,7 @@ class StackTrainConfig:
     completion_only: bool = False  # score only the response tokens (training and validation)
     max_val_examples: int = 200  # validation examples per evaluation (paper's n = 200)
     eval_batch_size: int = 32
-    seed: int = 0
+    seed: int = 0  # the run's seed; each stack's own is stack_seed(seed, stacks already frozen)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -170,6 +181,38 @@ def per_example_losses(model: nn.Module, tok: Tokenizer, examples: Sequence[Exam
 
 # -- one round -------------------------------------------------------------------------------------
 
+# Room for this many stacks per run seed: stack_seed(s, n) never meets stack_seed(s', n') for s != s'
+# while n, n' stay below it (a continual run holds tens of stacks; the paper's Gemma run 10).
+STACKS_PER_SEED = 10_000
+
+
+def stack_seed(base_seed: int, stack_index: int) -> int:
+    """The seed of a run's stack number `stack_index` (0 = the first stack the model holds):
+
+        seed = base_seed · STACKS_PER_SEED + stack_index
+
+    It seeds the stack's initialisation, its routing noise and its data order (`PackedExamples.batch`).
+    Distinct for every stack of a run, because the index only grows; deterministic, so a resumed run
+    gets the same seed; and the same for the same stack of two runs that are compared (MoE vs LoRA
+    both start on a fresh base: index 0). The released code's rule, 42 + round + 7 × stacks so far,
+    has the same purpose but repeats a seed once a domain has more than 7 rounds."""
+    if not 0 <= stack_index < STACKS_PER_SEED:
+        raise ValueError(f"stack_index={stack_index} must be in [0, {STACKS_PER_SEED}): raise STACKS_PER_SEED "
+                         "in ministacks/train.py for runs with more stacks")
+    return base_seed * STACKS_PER_SEED + stack_index
+
+
+def frozen_stack_count(model: nn.Module) -> int:
+    """How many stacks the model holds frozen (every StackedLinear holds the same ones; the first is asked)."""
+    layer = next(stacked_layers(model), None)
+    if layer is None:
+        raise ValueError("the model has no stacked layers: call stacks.inject_stacks(model) first")
+    return sum(len(s) for s in layer.stacks.values())
+
+
+class CheckpointMismatchError(ValueError):
+    """A round's checkpoint folder holds the checkpoint of another round."""
+
 
 @dataclass
 class RoundResult:
@@ -181,6 +224,8 @@ class RoundResult:
     steps_run: int = 0
     seconds_per_step: float = 0.0
     params: int = 0
+    stack_index: int = 0  # stacks the model already held frozen when this one was added
+    seed: int = 0  # stack_seed(cfg.seed, stack_index): initialisation, routing noise, data order
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -241,21 +286,34 @@ def train_round(
     after_step: Callable[[nn.Module], None] | None = None,
     round_index: int = 0,
     ckpt_dir: str | Path | None = None,
+    owner: dict | None = None,
 ) -> RoundResult:
     """Add a fresh active stack and train it with the best-stack guard; the best snapshot stays active.
 
     `val_loss()` evaluates the model as it is (usually `example_loss` on the domain's validation set);
     `after_step(model)` runs after every optimizer step (the null-space projection's strict mode).
+    The stack's seed is `stack_seed(cfg.seed, frozen_stack_count(model))`.
     With `ckpt_dir`, the round checkpoints at every evaluation (active stack, best snapshot, optimizer,
     guard state, RNG) and a call on the same folder resumes it, ending exactly as an uninterrupted round.
+    The checkpoint records which round it is — stack index, seed, `round_index` and the caller's `owner`
+    (JSON, e.g. {"domain": "code", "round": 2}) — and a call for any other round refuses it with
+    CheckpointMismatchError rather than train the wrong stack.
     """
-    # adapter init and routing noise: the same for every run compared, different for every round
-    torch.manual_seed(cfg.seed * 1000 + round_index)
+    stack_index = frozen_stack_count(model)
+    seed = stack_seed(cfg.seed, stack_index)
+    torch.manual_seed(seed)  # the adapter's init and the routing noise; the data order uses `seed` too
+    identity = {**(owner or {}), "round_index": round_index, "stack_index": stack_index, "seed": seed}
     ckpt = load_latest(ckpt_dir) if ckpt_dir is not None else None
+    if ckpt is not None and ckpt.state.get("identity") != identity:
+        theirs = ckpt.state.get("identity") or "no round (written by an older ministacks)"
+        raise CheckpointMismatchError(
+            f"{Path(ckpt_dir)} holds the checkpoint of {theirs}, not of the round being trained now ({identity}): "
+            f"resuming from it would train the wrong stack. Delete {Path(ckpt_dir)} to train this round afresh")
     pre = ckpt.state["result"]["pre_loss"] if ckpt else val_loss()
     params = add_stack(model, make_adapter)
     layers = list(stacked_layers(model))
-    result = RoundResult(pre_loss=pre, best_loss=pre, val_curve=[[0, pre]], params=sum(p.numel() for p in params))
+    result = RoundResult(pre_loss=pre, best_loss=pre, val_curve=[[0, pre]], params=sum(p.numel() for p in params),
+                         stack_index=stack_index, seed=seed)
     best_snap, bad, seconds, start, finished = _snapshot(model), 0, 0.0, 0, False
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     if ckpt is not None:
@@ -270,7 +328,7 @@ def train_round(
         if ckpt_dir is None:
             return
         tensors = {**_flatten("active", _snapshot(model)), **_flatten("best", best_snap), "rng": torch.get_rng_state()}
-        state = {"result": result.to_dict(), "bad": bad, "seconds": seconds, "finished": done}
+        state = {"identity": identity, "result": result.to_dict(), "bad": bad, "seconds": seconds, "finished": done}
         save_checkpoint(ckpt_dir, step, tensors, opt, state)
 
     train_mode(model, True)
@@ -279,7 +337,7 @@ def train_round(
         t0 = time.perf_counter()
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_factor(step, cfg)
-        x, y = train.batch(step, cfg.batch_size, cfg.seed)
+        x, y = train.batch(step, cfg.batch_size, seed)  # the stack's own data order
         task = stack_step(model, params, opt, x, y, cfg, after_step)
         seconds += time.perf_counter() - t0
         result.steps_run = step + 1
@@ -334,7 +392,8 @@ def boost_domain(
     progress: bool = True,
     after_step: Callable[[nn.Module], None] | None = None,
 ) -> list[RoundResult]:
-    """Rounds of `train_round` on one domain, each frozen under `domain` before the next is added."""
+    """Rounds of `train_round` on one domain, each frozen under `domain` before the next is added (so each
+    round is a new stack index: its own seed, its own batches)."""
     rounds: list[RoundResult] = []
     prev = math.inf
     for r in range(boost.max_rounds):

@@ -189,3 +189,39 @@ def test_routed_generation_one_hot_equals_only_that_domains_stacks(demo_dir):
     sr.reset()
     assert torch.allclose(routed_logits, model(x).logits, atol=1e-5)
     assert not torch.allclose(ungated_logits, routed_logits, atol=1e-3)
+
+
+def test_caches_follow_the_stacks_content_not_their_names(demo_dir, tmp_path):
+    """Retraining a stack into the same folder (same name, new tensors) must never reuse the oracle's
+    targets or eval.json's numbers of the old stack; nor may a retrained router reuse eval.json."""
+    import shutil
+
+    import torch
+
+    from ministacks.evaluate import _key
+    from ministacks.inference import StackedRun
+    from ministacks.io import atomic_save_tensors, load_tensors, read_json
+    from ministacks.stacks import stacked_layers
+    from ministacks.store import read_manifest, save_stack
+
+    run = tmp_path / "demo"
+    shutil.copytree(demo_dir, run)
+    sr = StackedRun(run)
+    eval_key = _key(sr, sr.preset.eval)
+    targets_key = read_json(run / "nullspace" / "router" / "targets.json")["key"]
+    # "retrain" code_r01: new tensors, saved exactly as train saves a stack, under the same name
+    entry = next(s for s in read_manifest(sr.paths.run)["stacks"] if s["domain"] == "code" and s["round"] == 1)
+    with torch.no_grad():
+        for layer in stacked_layers(sr.model):
+            layer.stacks["code"][0].lora_B.add_(0.01)
+    save_stack(sr.paths.run, sr.model, "code", 1, "moe", sr.preset.adapter, meta=entry, index=0)
+    assert main(["route", "--run", str(run), "--no-progress"]) == 0
+    assert read_json(run / "nullspace" / "router" / "targets.json")["key"] != targets_key  # recomputed
+    sr = StackedRun(run)
+    assert _key(sr, sr.preset.eval) != eval_key
+    # a router with other weights but the same settings: eval.json is not reused either
+    key = _key(sr, sr.preset.eval)
+    weights = load_tensors(run / "nullspace" / "router" / "model.safetensors")
+    atomic_save_tensors(run / "nullspace" / "router" / "model.safetensors",
+                        {k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()})
+    assert _key(StackedRun(run), sr.preset.eval) != key

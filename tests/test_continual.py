@@ -1,21 +1,26 @@
-"""The continual outer loop: bookkeeping, zero forgetting in isolation, resume after a kill."""
+"""The continual outer loop: bookkeeping, zero forgetting in isolation, resume after a kill (at any step of
+finishing a round), the reference mode's evaluations, every stack's seed, and null-space capacity."""
 
+import json
+import warnings
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import ministacks.continual as continual
-from ministacks.continual import run_continual
+from ministacks.continual import load_basis, run_continual
 from ministacks.experiments import domain_val, ensure_base, prepared_base
+from ministacks.nullspace import project_out
 from ministacks.presets import SMOKE
 from ministacks.stacks import set_domain_weights, stacked_layers
-from ministacks.store import load_all_stacks, read_manifest
-from ministacks.train import example_loss
+from ministacks.store import load_all_stacks, read_manifest, stack_paths
+from ministacks.train import example_loss, stack_seed
 
 
 def _preset(domains, rounds=1, steps=4, **kw):
-    cc = replace(SMOKE.continual, domains=tuple(domains), rounds=rounds, steps=steps, ns_examples=8, **kw)
+    cc = replace(SMOKE.continual, domains=tuple(domains), rounds=rounds, steps=steps, **{"ns_examples": 8, **kw})
     return replace(SMOKE, continual=cc, stack=replace(SMOKE.stack, eval_every=2, max_val_examples=8))
 
 
@@ -108,3 +113,129 @@ def test_a_run_with_another_configuration_is_refused(base, tmp_path):
 def test_unknown_domain_is_a_clear_error(base, tmp_path):
     with pytest.raises(ValueError, match="unknown domain"):
         run_continual(_preset(["chat", "poetry"]), base, tmp_path, progress=False)
+
+
+def _stack_tensors(preset, base, run):
+    """Every stack of a run, as reloaded from disk: [(domain, [state dict per layer]), ...] in load order."""
+    model, _ = prepared_base(preset, base)
+    assert load_all_stacks(run, model, read_manifest(run)) == []
+    layers = list(stacked_layers(model))
+    return [(d, [layer.stacks[d][j].state_dict() for layer in layers]) for d in layers[0].stacks
+            for j in range(len(layers[0].stacks[d]))]
+
+
+def _without_timing(stacks):
+    return [{k: v for k, v in s.items() if k != "seconds_per_step"} for s in stacks]
+
+
+# -- a kill at any step of finishing a round --------------------------------------------------------------------
+
+KILL_PRESET = _preset(["chat", "code"], rounds=1, steps=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(base, tmp_path_factory):
+    run = tmp_path_factory.mktemp("uninterrupted")
+    return run, run_continual(KILL_PRESET, base, run, progress=False)
+
+
+def _kill_before_save(monkeypatch):  # after train_round's last checkpoint and the freeze
+    def save_stack(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(continual, "save_stack", save_stack)
+
+
+def _kill_after_save(monkeypatch):  # stack files written, the manifest does not list them yet
+    real = continual.save_stack
+
+    def save_stack(*args, **kwargs):
+        real(*args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(continual, "save_stack", save_stack)
+
+
+def _kill_after_manifest(monkeypatch):  # the manifest lists the stack; its checkpoint is still there
+    def rmtree(path, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(continual, "shutil", SimpleNamespace(rmtree=rmtree))
+
+
+@pytest.mark.parametrize("kill", [_kill_before_save, _kill_after_save, _kill_after_manifest])
+def test_a_kill_while_finishing_a_round_resumes_to_the_same_run(base, tmp_path, monkeypatch, uninterrupted, kill):
+    """A kill between any two steps of finishing chat's round: the resumed run is the uninterrupted one. Killed
+    after the manifest entry, the finished checkpoint of chat round 1 used to be resumed by code's round 1."""
+    ref_run, ref = uninterrupted
+    with monkeypatch.context() as patch:
+        kill(patch)
+        with pytest.raises(Killed):
+            run_continual(KILL_PRESET, base, tmp_path, progress=False)
+    assert (tmp_path / continual.ROUND_IN_PROGRESS).is_dir()  # a finished checkpoint was left behind
+    resumed = run_continual(KILL_PRESET, base, tmp_path, progress=False)
+    assert _without_timing(resumed["stacks"]) == _without_timing(ref["stacks"])
+    assert resumed["forgetting"] == ref["forgetting"]
+    got, want = _stack_tensors(KILL_PRESET, base, tmp_path), _stack_tensors(KILL_PRESET, base, ref_run)
+    assert [d for d, _ in got] == [d for d, _ in want] == ["chat", "code"]
+    for (_, a), (_, b) in zip(got, want):
+        assert all(torch.equal(x[k], y[k]) for x, y in zip(a, b) for k in x)
+    assert not (tmp_path / continual.ROUND_IN_PROGRESS).exists()
+
+
+# -- reference mode, seeds and capacity: one 3-domain run in the released code's enforcement -------------------
+
+TIGHT = _preset(["chat", "code", "math"], rounds=1, steps=4, ns_mode="reference", ns_k=16, ns_examples=16)
+
+
+@pytest.fixture(scope="module")
+def tight_reference_run(base, tmp_path_factory):
+    """chat, code, math in reference mode with K = 16: code's basis takes 16 of the 32 k/v outputs (the cap,
+    half), math's 2 x 16 would take all 32, so the cap binds there. Returns (run folder, manifest, warnings)."""
+    run = tmp_path_factory.mktemp("tight")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manifest = run_continual(TIGHT, base, run, progress=False)
+    return run, manifest, [str(w.message) for w in caught if "null-space capacity" in str(w.message)]
+
+
+def test_reference_mode_records_the_loss_of_the_stack_as_saved(base, tight_reference_run):
+    """The released code projects only in training-mode forwards: its evaluations, and so the best snapshot,
+    see the stack as stored. Each recorded best loss is that of the saved stacks, reloaded from disk, in the
+    configuration the round ran in (earlier domains' stacks on, ungated)."""
+    run, m, _ = tight_reference_run
+    model, tok = prepared_base(TIGHT, base)
+    assert load_all_stacks(run, model, m) == []
+    for i, d in enumerate(m["domains"]):
+        set_domain_weights(model, {e: 1.0 for e in m["domains"][: i + 1]})
+        recorded = [s for s in m["stacks"] if s["domain"] == d][-1]["best_loss"]
+        assert example_loss(model, domain_val(TIGHT, tok, d, TIGHT.stack)) == pytest.approx(recorded, abs=2e-4), d
+
+
+def test_every_stack_has_its_own_seed_and_records_it(tight_reference_run):
+    run, m, _ = tight_reference_run
+    seeds = [s["seed"] for s in m["stacks"]]
+    assert seeds == [stack_seed(TIGHT.stack.seed, i) for i in range(len(m["stacks"]))]
+    record = json.loads(stack_paths(run, "code", 1)[1].read_text())
+    assert record["meta"]["seed"] == seeds[1] and record["meta"]["stack_index"] == 1
+
+
+def test_a_full_projection_is_capped_with_a_warning_and_a_record(base, tight_reference_run):
+    run, m, caught = tight_reference_run
+    assert len(caught) == 1 and "training math" in caught[0] and "k_proj" in caught[0] and "v_proj" in caught[0]
+    kv, q = "layers.0.self_attn.k_proj", "layers.0.self_attn.q_proj"
+    cap = m["capacity_by_projection"]
+    assert cap["code"][kv] == {"protected": 16, "d_out": 32, "share": 0.5, "asked": 16, "k_per_domain": 16,
+                               "capped": False}
+    assert cap["math"][kv] == {"protected": 16, "d_out": 32, "share": 0.5, "asked": 32, "k_per_domain": 8,
+                               "capped": True}
+    assert not cap["math"][q]["capped"] and cap["math"][q]["protected"] == 32
+    assert m["capacity"]["math"] == pytest.approx(sum(r["share"] for r in cap["math"].values()) / len(cap["math"]))
+    # math's k_proj delta is not zero where the projection lets it through (uncapped, it would be: no room left)
+    model, _ = prepared_base(TIGHT, base)
+    load_all_stacks(run, model, m)
+    layer = model.get_submodule(kv)
+    x = torch.randn(64, layer.in_features, generator=torch.Generator().manual_seed(0))
+    delta = layer.stacks["math"][0](x).delta
+    through = project_out(delta, load_basis(run, "math")[kv])
+    assert through.norm() > 0.1 * delta.norm()

@@ -3,6 +3,7 @@ and the central claim — strict enforcement keeps a frozen stack out of the pro
 inference, the released code's forward-only projection does not under AdamW."""
 
 import copy
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -12,12 +13,13 @@ import torch.nn as nn
 from ministacks.data import load_split
 from ministacks.model import ModelConfig, Transformer
 from ministacks.moe_lora import MoELoRA
-from ministacks.nullspace import (Projection, attach_projection, build_basis, capacity_report, collect_deltas,
-                                  detach_projection, domain_bases, layer_leakage, leakage, make_after_step,
-                                  model_leakage, orthogonality_by_projection, orthonormal_union, project_out,
-                                  randomized_svd, singular_spectra, strict_project_, subspace_similarity)
+from ministacks.nullspace import (Projection, attach_projection, build_basis, capacity_by_projection, capacity_report,
+                                  capacity_warning, collect_deltas, detach_projection, directions_per_domain,
+                                  domain_bases, layer_leakage, leakage, make_after_step, model_leakage,
+                                  orthogonality_by_projection, orthonormal_union, project_out, randomized_svd,
+                                  singular_spectra, strict_project_, subspace_similarity)
 from ministacks.pipeline import base_tokenizer
-from ministacks.presets import SMOKE
+from ministacks.presets import PRESETS, SMOKE
 from ministacks.stacks import (AdapterConfig, StackedLinear, add_stack, freeze_active, inject_stacks, make_adapter,
                                set_domain_weights, stacked_layers)
 from ministacks.train import IGNORE, ExampleSet, PackedExamples, StackTrainConfig, train_round
@@ -249,6 +251,75 @@ def test_subspace_similarity_and_spectra():
     s = spectra["layers.0.mlp.gate_proj"]
     assert s.shape == (12,) and (s[:-1] >= s[1:]).all()
     assert s[8:].max() < 1e-4 * s[0]  # a stack writes into at most E·r directions
+
+
+
+# -- capacity ------------------------------------------------------------------------------------------------
+
+
+def test_the_cap_keeps_each_domains_strongest_directions_and_says_where_it_binds():
+    """2 earlier domains x k=12 ask for 24 of the 32 k/v outputs; the cap (half) allows 16: 8 each."""
+    model = tiny_model()
+    random_stack(model, "a", seed=1)
+    random_stack(model, "b", seed=2)
+    data = {"a": padded_batches([8] * 24, T=8, seed=4), "b": padded_batches([6] * 24, T=6, seed=5)}
+    k, share = 12, 0.5
+    basis = build_basis(model, data, k, max_share=share)
+    per = domain_bases(model, data, k)
+    report = capacity_by_projection(basis, k, 2, max_share=share)
+    kv, q = "layers.0.self_attn.k_proj", "layers.0.self_attn.q_proj"
+    assert report[kv] == {"protected": 16, "d_out": 32, "share": 0.5, "asked": 24, "k_per_domain": 8, "capped": True}
+    assert report[q] == {"protected": 24, "d_out": 64, "share": 24 / 64, "asked": 24, "k_per_domain": 12,
+                         "capped": False}
+    V = basis[kv]
+    assert torch.allclose(V.T @ V, torch.eye(16), atol=1e-5)
+    for d in data:  # each domain's 8 strongest directions are protected, its weaker 4 are not
+        assert (V @ (V.T @ per[d][kv][:, :8]) - per[d][kv][:, :8]).abs().max() < 1e-4
+        assert (V @ (V.T @ per[d][kv][:, 8:]) - per[d][kv][:, 8:]).norm() > 0.5
+    message = capacity_warning("c", report, share)
+    assert "k_proj" in message and "v_proj" in message and "q_proj" not in message and "K cut to 8, 16 of 32 protected" in message
+    assert max(r["share"] for r in report.values()) <= share
+    # the released code's capacity (K of the sum) is capped the same way, K in all
+    summed = build_basis(model, data, 20, mode="sum", max_share=share)
+    assert summed[kv].shape[1] == 16 and summed[q].shape[1] == 20
+    # no cap: 2 x 16 directions fill the k/v outputs entirely, and the warning says so
+    full = build_basis(model, data, 16)
+    full_report = capacity_by_projection(full, 16, 2)
+    assert full_report[kv]["protected"] == 32 and not full_report[kv]["capped"]
+    assert "all 32 outputs protected" in capacity_warning("c", full_report, None)
+    assert capacity_warning("c", capacity_by_projection(full, 16, 2, max_share=1.0), 1.0) is not None
+    assert capacity_warning("c", capacity_by_projection(basis, 4, 2, max_share=share), share) is None
+    with pytest.raises(ValueError, match="ns_max_share=0 must be in"):
+        directions_per_domain(32, 4, 2, max_share=0)
+
+
+def _projection_widths(preset) -> dict[str, int]:
+    """{layer name: d_out} of every wrapped projection of the preset's model (built on the meta device)."""
+    with torch.device("meta"):
+        model = Transformer(replace(preset.model, vocab_size=preset.vocab_size))
+        inject_stacks(model)
+    return {name: m.out_features for name, m in model.named_modules() if isinstance(m, StackedLinear)}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_no_preset_exhausts_null_space_capacity_unknowingly(name):
+    """Every domain of every preset keeps room in every projection: the protected share stays within
+    ns_max_share and below 1, and wherever the cap has to bind, the warning names the projection."""
+    preset = PRESETS[name]
+    cc = preset.continual
+    widths = _projection_widths(preset)
+    for m in range(1, len(cc.domains)):  # earlier domains before the (m+1)-th
+        # the most the union can hold: K' directions from each earlier domain (fewer if they share some)
+        most = {n: torch.empty(d, min(d, directions_per_domain(d, cc.ns_k, m, cc.ns_basis, cc.ns_max_share) *
+                                      (m if cc.ns_basis == "per_domain" else 1))) for n, d in widths.items()}
+        report = capacity_by_projection(most, cc.ns_k, m, cc.ns_basis, cc.ns_max_share)
+        assert max(r["share"] for r in report.values()) <= cc.ns_max_share < 1
+        capped = sorted({n.split(".")[-1] for n, r in report.items() if r["capped"]})
+        message = capacity_warning(cc.domains[m], report, cc.ns_max_share)
+        assert (message is None) == (not capped)
+        assert all(p in message for p in capped) if capped else True
+        if name == "paper":  # k/v 2 x 64 = 128 wide, K = 32: the 4th domain asks 3 x 32 = 96 > 64, the 5th all 128
+            assert capped == ([] if m <= 2 else ["k_proj", "v_proj"])
 
 
 # -- enforcement -----------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import torch
 
 from ministacks.model import ModelConfig, Transformer
 from ministacks.oracle import BASE, ComboLosses, all_combinations, exhaustive_best, find_targets, greedy_best
-from ministacks.router import MetaRouter, RouterConfig, RouterData, prompt_features, router_loss, routing_weights, train_router
+from ministacks.router import (MetaRouter, RouterConfig, RouterData, prompt_features, router_loss, router_metrics,
+                               routing_weights, train_router)
 from ministacks.routing import group_split
 from ministacks.stacks import add_stack, freeze_active, inject_stacks, make_adapter, set_domain_weights, stacked_layers
 from ministacks.tokenizer import Tokenizer
@@ -20,16 +21,64 @@ DOMAINS = ("chat", "code", "math", "medical", "reasoning")
 
 
 def test_parameter_count_at_gemma_width():
-    """Spec §6: ~2.76M parameters at token_dim 3840 (Gemma 3 12B) and 5 domains; the count by hand:
-    projection + its LN, 1 + 5 queries, the pool LN, the shared fusion MLP, the shared head, log T."""
-    r = MetaRouter(3840, DOMAINS)
-    H = 512
-    by_hand = (3840 * H + H) + 2 * H + 6 * H + 2 * H + (2 * H * H + H) + 2 * H + (H * H + H) + (H + 1) + 1
-    n = sum(p.numel() for p in r.parameters())
-    assert n == by_hand
-    assert abs(n - 2.76e6) / 2.76e6 < 0.005
+    """Spec §6: 2,761,730 parameters at token_dim 3840 (Gemma 3 12B) and 5 domains, counted layer by
+    layer from the paper's description (not from the implementation's modules)."""
+    token_dim, H, D = 3840, 512, 5
+    linear = lambda i, o: i * o + o  # noqa: E731  weight + bias
+    layer_norm = 2 * H  # weight + bias
+    paper = (linear(token_dim, H) + layer_norm  # token projection + its LayerNorm
+             + H + D * H  # the global query and one query per domain
+             + layer_norm + layer_norm  # the global context's LayerNorm, the domain contexts' LayerNorm
+             + linear(2 * H, H) + layer_norm + linear(H, H)  # the shared fusion MLP
+             + linear(H, 1)  # the shared head
+             + 1)  # log T
+    assert paper == 2_761_730
+    n = sum(p.numel() for p in MetaRouter(token_dim, DOMAINS).parameters())
+    assert n == paper
     # a new domain costs one query vector: the fusion MLP and head are shared
-    assert sum(p.numel() for p in MetaRouter(3840, DOMAINS + ("law",)).parameters()) - n == H
+    assert sum(p.numel() for p in MetaRouter(token_dim, DOMAINS + ("law",)).parameters()) - n == H
+
+
+def test_forward_is_the_paper_network_written_out():
+    """Parity with the description in spec §6: plain dot-product scores (no 1/√H), the global and the
+    per-domain contexts each through its own LayerNorm, the shared fusion MLP and head, logits / T."""
+    torch.manual_seed(0)
+    r = MetaRouter(12, DOMAINS[:3], RouterConfig(hidden=16)).eval()
+    with torch.no_grad():  # make every part visible: nonzero queries, distinct LayerNorms, T != 1
+        r.global_query.normal_()
+        r.domain_queries.normal_()
+        for norm in (r.global_norm, r.domain_norm):
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_()
+        r.log_temp.fill_(0.3)
+    feats, mask = torch.randn(2, 5, 12), torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    ln = torch.nn.functional.layer_norm
+    expect = torch.zeros(2, 3)
+    for b in range(2):
+        h = r.proj_norm(r.proj(feats[b, mask[b]]))  # [T, H]
+
+        def pool(q):
+            return torch.softmax(h @ q, 0) @ h  # plain dot products
+
+        g = ln(pool(r.global_query), (16,), r.global_norm.weight, r.global_norm.bias)
+        for d in range(3):
+            c = ln(pool(r.domain_queries[d]), (16,), r.domain_norm.weight, r.domain_norm.bias)
+            expect[b, d] = r.head(r.fusion(torch.cat([c, g]))).squeeze() / r.log_temp.exp()
+    assert torch.allclose(r(feats, mask), expect, atol=1e-5)
+    # the transformer-style scaled scores are an option, and not the default
+    scaled = MetaRouter(12, DOMAINS[:3], RouterConfig(hidden=16, scaled_scores=True)).eval()
+    scaled.load_state_dict(r.state_dict())
+    assert not torch.allclose(scaled(feats, mask), expect, atol=1e-3)
+
+
+def test_queries_start_small():
+    """Queries ~ N(0, 0.02²): every score starts near 0, so the first pooling is close to a plain mean."""
+    torch.manual_seed(0)
+    r = MetaRouter(64, DOMAINS)
+    q = torch.cat([r.global_query[None], r.domain_queries]).detach()
+    assert abs(float(q.std()) - 0.02) < 0.002
+    assert abs(float(q.mean())) < 0.002
 
 
 def test_shapes_and_padding_mask():
@@ -103,6 +152,55 @@ def test_training_learns_a_separable_task_and_keeps_the_best_epoch():
     assert fit["best"]["single_top1"] > 0.8  # chance: 1/3
 
 
+class FixedLogits(torch.nn.Module):
+    """A stand-in router whose logits are given: row i of `logits` for prompt i."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, features, mask):
+        return self.logits
+
+
+def _metric_data(targets, label, label_set):
+    n = len(targets)
+    return RouterData(torch.zeros(n, 1, 4), torch.ones(n, 1, dtype=torch.bool), torch.tensor(targets),
+                      torch.tensor(label), torch.tensor(label_set))
+
+
+def test_metrics_compare_with_the_targets_and_report_label_agreement_apart():
+    """A router that learned the oracle's "medical prompts -> chat+math" perfectly scores 1 on the
+    target metrics (what it is trained and selected on) and 0 on agreement with the medical label."""
+    c, k, m, med, r = range(5)
+    # two medical prompts whose oracle targets are chat+math (0.8 each, label 0.2 on medical)
+    targets = [[0.8, 0, 0.8, 0.2, 0], [0.8, 0, 0.8, 0.2, 0],
+               [0, 1, 1, 0, 0]]  # a mixed prompt: code+math (its multi-hot label)
+    label = [med, med, -1]
+    label_set = [[0, 0, 0, 1, 0], [0, 0, 0, 1, 0], [0, 1, 1, 0, 0]]
+    logits = torch.logit(torch.tensor([[0.9, 0.1, 0.8, 0.1, 0.1],  # picks chat: one of the tied top targets
+                                       [0.7, 0.1, 0.95, 0.1, 0.1],  # picks math: the other one
+                                       [0.1, 0.45, 0.4, 0.1, 0.1]]))  # top-2 = {code, math}, neither > 0.5
+    out = router_metrics(FixedLogits(logits), _metric_data(targets, label, label_set))
+    assert out["single_top1"] == 1.0 and out["label_top1"] == 0.0
+    assert out["mixed_set_match"] == 1.0  # the |S| = 2 most probable domains are S
+    assert out["label_set_match"] == 0.0  # {p > 0.5} = {} is not the label set
+    bce = float(torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor(targets)))
+    assert out["score"] == pytest.approx(0.5 * 1.0 + 0.35 * 1.0 - 0.15 * bce)
+
+
+def test_metrics_count_misses():
+    c, k, m, med, r = range(5)
+    targets = [[0.16, 0, 0.8, 0.2, 0], [0, 1, 1, 0, 0], [1, 0, 0, 1, 0]]
+    label, label_set = [med, -1, -1], [[0, 0, 0, 1, 0], [0, 1, 1, 0, 0], [1, 0, 0, 1, 0]]
+    logits = torch.logit(torch.tensor([[0.2, 0.1, 0.3, 0.9, 0.1],  # medical first: target's top is math
+                                       [0.1, 0.9, 0.2, 0.1, 0.8],  # top-2 = {code, reasoning}, S = {code, math}
+                                       [0.9, 0.1, 0.1, 0.8, 0.1]]))  # top-2 = {chat, medical} = S
+    out = router_metrics(FixedLogits(logits), _metric_data(targets, label, label_set))
+    assert out["single_top1"] == 0.0 and out["label_top1"] == 1.0
+    assert out["mixed_set_match"] == pytest.approx(0.5)
+
+
 # -- the inference rule -----------------------------------------------------------------------------
 
 
@@ -167,6 +265,52 @@ def test_greedy_search_can_miss_what_exhaustive_finds():
     assert greedy_best(TableLosses(losses), domains, min_gain=0.01) == [("chat",)]
 
 
+def test_greedy_search_continues_its_pass_after_an_acceptance():
+    """The released code's pass goes on to the *next* domain on top of the combination just accepted; it
+    does not restart from the first domain. Planted so that the two readings disagree:
+
+        start: code (best single, beats the base)
+        pass 1, continue: chat no; math yes (code+math); medical yes (code+math+medical); pass 2: chat no -> stop
+        pass 1, restart:  chat no; math yes; restart: chat+code+math yes; medical no -> stop
+    """
+    domains = ("chat", "code", "math", "medical")
+    table = {BASE: 3.0, ("chat",): 2.9, ("code",): 2.0, ("math",): 2.8, ("medical",): 2.8,
+             ("chat", "code"): 2.0, ("code", "math"): 1.5, ("code", "math", "medical"): 1.0,
+             ("chat", "code", "math"): 1.2, ("chat", "code", "math", "medical"): 1.15}
+    losses = TableLosses(lambda combo: torch.tensor([table.get(combo, 2.95)]))
+    assert greedy_best(losses, domains, min_gain=0.01) == [("code", "math", "medical")]
+    # the acceptance rule is "lower by more than min_gain": 0.005 better is not enough
+    table2 = {**table, ("code", "math"): 1.996}
+    assert greedy_best(TableLosses(lambda combo: torch.tensor([table2.get(combo, 2.95)])), domains, 0.01) == [("code",)]
+    # the start: the best single domain only if it beats the base at all
+    assert greedy_best(TableLosses(lambda combo: torch.tensor([1.0 if combo == BASE else 2.0])), domains, 0.01) == [BASE]
+
+
+def test_oracle_combinations_run_chat_at_its_inference_floor(floored):
+    """Spec §6: every configuration the oracle evaluates has chat at max(w_chat, 0.2), as inference has."""
+    from ministacks.oracle import combo_weights
+
+    model, data = floored
+    assert combo_weights(("math",), 0.2) == {"math": 1.0, "chat": 0.2}
+    assert combo_weights(("chat", "math"), 0.2) == {"chat": 1.0, "math": 1.0}
+    assert combo_weights(BASE, 0.2) == {} and combo_weights(("math",), None) == {"math": 1.0}
+    floored_losses, plain = ComboLosses(model, data, chat_floor=0.2), ComboLosses(model, data)
+    set_domain_weights(model, {"code": 1.0, "chat": 0.2})
+    expect = example_losses(model, data)
+    set_domain_weights(model, None)
+    assert torch.allclose(floored_losses(("code",)), expect)
+    assert not torch.allclose(plain(("code",)), expect, atol=1e-4)  # the flag that drops the floor
+    assert torch.allclose(floored_losses(BASE), plain(BASE))  # the base runs no stack at all
+
+
+def test_route_uses_the_floor_unless_told_not_to():
+    from ministacks.oracle import oracle_floor
+
+    assert oracle_floor(RouterConfig(), DOMAINS) == 0.2
+    assert oracle_floor(RouterConfig(oracle_chat_floor=False), DOMAINS) is None
+    assert oracle_floor(RouterConfig(), ("code", "math")) is None  # no chat stacks to floor
+
+
 def test_targets_chat_floor_reasoning_soft_and_label_mix():
     domains = DOMAINS
     planted = [("math",), ("code",)]
@@ -208,6 +352,41 @@ def tiny(tmp_path_factory):
             torch.nn.init.normal_(layer.active.lora_B, std=0.2)
         freeze_active(model, d)
     return model.eval(), base.eval(), tok
+
+
+@pytest.fixture(scope="module")
+def floored(tiny):
+    """A tiny model with a chat and a code stack (both nonzero) and a few examples to score."""
+    from ministacks.data import Example
+
+    _, base, tok = tiny
+    torch.manual_seed(1)
+    model = Transformer(base.cfg)
+    model.load_state_dict(base.state_dict())
+    inject_stacks(model)
+    for d in ("chat", "code"):
+        add_stack(model, make_adapter("moe"))
+        for layer in stacked_layers(model):
+            torch.nn.init.normal_(layer.active.lora_B, std=0.2)
+        freeze_active(model, d)
+    exs = [Example("code", "Add", "", "a + b", None, "t"), Example("chat", "Hi", "", "the patient", None, "t")]
+    return model.eval(), ExampleSet(tok, exs, completion_only=True, max_len=256)
+
+
+def test_feature_pass_leaves_frozen_stacks_in_eval_mode(tiny):
+    """The feature pass restores the model with train_mode, not model.train(): frozen stacks must never
+    come back in training mode (noisy routing) after it, while the model itself is back in training."""
+    from ministacks.stacks import train_mode
+
+    model, _, tok = tiny
+    train_mode(model, True)
+    try:
+        prompt_features(model, tok, ["the patient takes 5 mg"])
+        assert model.training
+        frozen = [a for layer in stacked_layers(model) for stack in layer.stacks.values() for a in stack]
+        assert frozen and not any(a.training for a in frozen)
+    finally:
+        train_mode(model, False)
 
 
 def test_features_come_from_the_base_with_stacks_off(tiny):

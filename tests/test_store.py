@@ -12,7 +12,7 @@ from ministacks.model import ModelConfig, Transformer
 from ministacks.stacks import (AdapterConfig, add_stack, freeze_active, inject_stacks, make_adapter, stacked_layers,
                                train_mode)
 from ministacks.store import (ForeignBaseError, StackFileError, base_fingerprint, load_all_stacks, load_stack,
-                              new_manifest, read_manifest, save_stack, stack_paths, write_manifest)
+                              new_manifest, read_manifest, record_checksum, save_stack, stack_paths, write_manifest)
 
 CFG = ModelConfig(vocab_size=97, n_layer=2, d_model=64, n_head=4, n_kv_head=2, max_seq_len=32)
 SMALL = AdapterConfig(n_experts=3, r=4, top_k=1, lora_alpha=8.0, use_rslora=False, lora_r=8)  # not the defaults
@@ -163,11 +163,45 @@ def test_wrong_shape_is_a_clear_error_and_leaves_the_model_untouched(tmp_path):
     json_file = stack_paths(tmp_path, "chat", 1)[1]
     record = json.loads(json_file.read_text())
     record["adapter_config"]["r"] = 8  # the record now describes rank-8 experts; the file holds rank 16
+    record["record_sha256"] = record_checksum(record)  # edited *and* re-signed: the shape check still catches it
     json_file.write_text(json.dumps(record))
     fresh = _base()
     with pytest.raises(StackFileError, match=r"lora_A has shape \[4, 16, 64\] in the file.*expects \[4, 8, 64\]"):
         load_stack(tmp_path, fresh, "chat", 1)
     assert all(len(layer.stacks) == 0 for layer in stacked_layers(fresh))
+
+
+@pytest.mark.parametrize("field, value", [("lora_alpha", 32.0), ("use_rslora", False), ("top_k", 1),
+                                          ("routing", "dense")])
+def test_an_edited_record_is_a_load_error_naming_the_json(tmp_path, field, value):
+    """The adapter settings are half of the stack: the same tensors with another alpha (or routing)
+    compute another delta, so an edited record must not load."""
+    _, manifest = _trained_run(tmp_path, PLAN[:2])
+    json_file = stack_paths(tmp_path, "chat", 1)[1]
+    record = json.loads(json_file.read_text())
+    assert record["adapter_config"][field] != value
+    record["adapter_config"][field] = value
+    json_file.write_text(json.dumps(record, indent=2))
+    fresh = _base()
+    with pytest.raises(StackFileError, match=r"chat_r01\.json: edited") as err:
+        load_stack(tmp_path, fresh, "chat", 1)
+    assert err.value.path == json_file
+    assert all(len(layer.stacks) == 0 for layer in stacked_layers(fresh))
+    with pytest.warns(UserWarning, match="chat_r01"):  # in a run, reported by name; the other stacks load
+        assert load_all_stacks(tmp_path, fresh, manifest) == ["chat_r01"]
+
+
+def test_a_record_from_before_the_checksum_loads_with_a_warning(tmp_path):
+    model, _ = _trained_run(tmp_path, PLAN[:1])
+    json_file = stack_paths(tmp_path, "chat", 1)[1]
+    record = json.loads(json_file.read_text())
+    del record["record_sha256"]
+    record["version"] = 1  # what ministacks wrote before the record had its own checksum
+    json_file.write_text(json.dumps(record))
+    fresh = _base()
+    with pytest.warns(UserWarning, match=r"chat_r01\.json: a stack record of format version 1"):
+        load_stack(tmp_path, fresh, "chat", 1)
+    assert torch.equal(_logits(fresh), _logits(model))
 
 
 def test_foreign_base_is_refused_with_both_fingerprints(tmp_path):

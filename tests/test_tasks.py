@@ -1,28 +1,26 @@
-"""Task scoring and the sandbox: a reference answer scores correct, a perturbed one does not, and
-model-written code that loops, allocates, writes or reads the environment is stopped in the child."""
+"""Task scoring: a reference answer scores correct, a perturbed one does not; the code format check is
+named as one and never counted as accuracy (the sandbox itself is tested in test_sandbox.py)."""
 
 import dataclasses
-import os
 import resource
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
 from ministacks.data import DataConfig, Example, load_split
-from ministacks.sandbox import MAX_FILE_BYTES, MAX_OUTPUT_CHARS, run_python
+from ministacks.sandbox import MAX_FILE_BYTES
 from ministacks.tasks import (
     CHECKS,
     DEFINITION_F1_THRESHOLD,
+    check_code_format,
     content_words,
     extract_number,
     requested_signature,
     score,
-    score_code,
     score_math,
     score_medical,
     score_reasoning,
+    wilson_interval,
 )
 
 SMOKE = DataConfig(max_examples=150, n_val=20, n_test=20)  # the smoke preset's data
@@ -148,37 +146,48 @@ def code_example(test_split):
     return plain_function(test_split("code"))
 
 
-def test_code_reference_scores_correct(code_example):
-    assert score_code(code_example.response, code_example) == {"correct": True, "reason": "ok"}
-    assert score("code", code_example, code_example.response)["correct"] is True
+def test_code_reference_passes_the_format_check(code_example):
+    assert check_code_format(code_example.response, code_example) == {"format_ok": True, "reason": "ok"}
+    # a format check is not a verdict on correctness: score() reports it under its own name
+    assert score("code", code_example, code_example.response) == {"correct": None, "format_ok": True, "reason": "ok"}
+
+
+def test_a_wrong_function_of_the_right_shape_is_not_counted_correct():
+    """`return 42` has the requested name and parameters: it passes the format check, which says
+    exactly that and no more; nothing counts it as a correct answer."""
+    ex = Example("code", "Write a Python function `isabs(s)` that does the following.",
+                 "Test whether a path is absolute", "def isabs(s):\n    return s.startswith('/')", None, "test")
+    result = score("code", ex, "def isabs(s):\n    return 42\n")
+    assert result["correct"] is None and result["format_ok"] is True
+    assert "format check" in CHECKS["code"] and "HumanEval" in CHECKS["code"]
 
 
 def test_code_failures_are_named(code_example):
     ex = code_example
     name, _ = requested_signature(ex.instruction)
     cut = ex.response[: ex.response.index(":\n") + 2]  # generation stopped right after the def line
-    assert score_code(cut, ex)["reason"].startswith("syntax error")
+    assert check_code_format(cut, ex)["reason"].startswith("syntax error")
     renamed = ex.response.replace(f"def {name}(", f"def {name}_v2(", 1)
-    assert score_code(renamed, ex) == {"correct": False, "reason": f"`{name}` is not defined"}
+    assert check_code_format(renamed, ex) == {"format_ok": False, "reason": f"`{name}` is not defined"}
     extra = ex.response.replace(f"def {name}(", f"def {name}(extra_arg, ", 1)
-    result = score_code(extra, ex)
-    assert not result["correct"] and result["reason"].startswith("parameters")
-    assert score_code(f"{name} = 42\n", ex)["reason"] == f"`{name}` is not callable"
+    result = check_code_format(extra, ex)
+    assert not result["format_ok"] and result["reason"].startswith("parameters")
+    assert check_code_format(f"{name} = 42\n", ex)["reason"] == f"`{name}` is not callable"
     # exiting cleanly before the appended check runs is not a pass
-    assert score_code("import sys\n" + ex.response + "\nsys.exit(0)\n", ex)["reason"] == "exited before the check ran"
+    assert check_code_format("import sys\n" + ex.response + "\nsys.exit(0)\n", ex)["reason"] == "exited before the check ran"
     # an instruction without a signature cannot be checked
     blank = dataclasses.replace(ex, instruction="Write something useful.")
-    assert score_code(ex.response, blank) == {"correct": False, "reason": "instruction names no `name(args)` signature"}
+    assert check_code_format(ex.response, blank) == {"format_ok": False, "reason": "instruction names no `name(args)` signature"}
 
 
 def test_code_tolerates_missing_globals_at_call_time_only(code_example):
     ex = code_example
     name, params = requested_signature(ex.instruction)
     body_needs_global = f"def {name}({', '.join(params)}):\n    return undefined_helper({params[0]})\n"
-    assert score_code(body_needs_global, ex)["correct"]  # never called, so never fails
+    assert check_code_format(body_needs_global, ex)["format_ok"]  # never called, so never fails
     decorated = "@undefined_decorator\n" + body_needs_global
-    assert score_code(decorated, ex) == {
-        "correct": False, "reason": "raised: NameError: name 'undefined_decorator' is not defined",
+    assert check_code_format(decorated, ex) == {
+        "format_ok": False, "reason": "raised: NameError: name 'undefined_decorator' is not defined",
     }
 
 
@@ -196,30 +205,30 @@ def test_requested_signature(instruction, name, params):
 
 def test_code_decorated_method_is_unwrapped():
     ex = Example("code", "Write the method `Box.size(self)` that does the following.", "The size.", "", None, "test")
-    assert score_code("@property\ndef size(self):\n    return self._size\n", ex)["correct"]
-    assert score_code("@classmethod\ndef size(cls, other):\n    return 0\n", ex)["reason"].startswith("parameters")
+    assert check_code_format("@property\ndef size(self):\n    return self._size\n", ex)["format_ok"]
+    assert check_code_format("@classmethod\ndef size(cls, other):\n    return 0\n", ex)["reason"].startswith("parameters")
 
 
 def test_code_infinite_loop_times_out(code_example):
     start = time.monotonic()
-    result = score_code("while True:\n    pass\n" + code_example.response, code_example, timeout=0.5)
-    assert result == {"correct": False, "reason": "timed out after 0.5 s"}
+    result = check_code_format("while True:\n    pass\n" + code_example.response, code_example, timeout=0.5)
+    assert result == {"format_ok": False, "reason": "timed out after 0.5 s"}
     assert time.monotonic() - start < 2.5
 
 
 def test_code_huge_allocation_fails_in_the_child_only(code_example):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    result = score_code("blob = bytearray(1 << 30)\n" + code_example.response, code_example)  # 1 GiB > 512 MB cap
-    assert result == {"correct": False, "reason": "raised: MemoryError"}
+    result = check_code_format("blob = bytearray(1 << 30)\n" + code_example.response, code_example)  # 1 GiB > 512 MB cap
+    assert result == {"format_ok": False, "reason": "raised: MemoryError"}
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024
 
 
 def test_code_cannot_write_past_the_file_size_limit(code_example):
     big = f"open('out.bin', 'wb').write(b'x' * {2 * MAX_FILE_BYTES})\n"
-    result = score_code(big + code_example.response, code_example)
-    assert result == {"correct": False, "reason": "raised: OSError: [Errno 27] File too large"}
+    result = check_code_format(big + code_example.response, code_example)
+    assert result == {"format_ok": False, "reason": "raised: OSError: [Errno 27] File too large"}
     small = f"open('out.bin', 'wb').write(b'x' * {MAX_FILE_BYTES // 2})\n"
-    assert score_code(small + code_example.response, code_example)["correct"]
+    assert check_code_format(small + code_example.response, code_example)["format_ok"]
 
 
 def test_score_dispatch(code_example):
@@ -229,64 +238,34 @@ def test_score_dispatch(code_example):
         score("poetry", code_example, "")
 
 
-# --- sandbox --------------------------------------------------------------------------------------
+# --- Wilson interval -----------------------------------------------------------------------------
 
-def test_sandbox_captures_output_and_exit_status():
-    result = run_python("import sys\nprint('to out')\nprint('to err', file=sys.stderr)\nsys.exit(3)")
-    assert (result.stdout, result.stderr, result.returncode, result.ok, result.timed_out) == ("to out\n", "to err\n", 3, False, False)
-    assert run_python("print(1 + 1)").ok
+def wilson_by_inversion(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """The slow, obvious reference: the interval is every p the score test does not reject,
+    |k/n - p| <= z·sqrt(p(1-p)/n); find its two ends by bisection."""
+    def accepted(p):
+        return abs(k / n - p) <= z * (p * (1 - p) / n) ** 0.5
 
+    def edge(inside, outside):
+        for _ in range(200):
+            mid = (inside + outside) / 2
+            inside, outside = (mid, outside) if accepted(mid) else (inside, mid)
+        return inside
 
-def test_sandbox_output_is_capped_keeping_head_and_tail():
-    result = run_python("print('first'); print('x' * 100_000); print('last')")
-    assert result.ok
-    assert len(result.stdout) < MAX_OUTPUT_CHARS + 100
-    assert result.stdout.startswith("first\n") and result.stdout.endswith("last\n")
-
-
-def test_sandbox_runs_in_a_fresh_temp_dir_that_is_removed():
-    result = run_python("import os\nprint(os.getcwd())\nprint(sorted(os.listdir()))")
-    workdir, listing = result.stdout.splitlines()
-    assert Path(workdir).parent == Path(tempfile.gettempdir()).resolve()
-    assert workdir != os.getcwd() and listing == "['main.py']"
-    assert not Path(workdir).exists()
+    share = k / n
+    return edge(share, 0.0) if k else 0.0, edge(share, 1.0) if k < n else 1.0
 
 
-def test_sandbox_does_not_inherit_the_environment(monkeypatch):
-    monkeypatch.setenv("MINISTACKS_TEST_SECRET", "hunter2")
-    monkeypatch.setenv("PYTHONPATH", "/nowhere")
-    result = run_python("import os, sys\nprint(os.environ.get('MINISTACKS_TEST_SECRET'))\nprint('/nowhere' in sys.path)")
-    assert result.stdout == "None\nFalse\n"
-    # PYTHONHASHSEED=0 is honoured (it would not be under -I): str hashes agree between runs
-    assert run_python("print(hash('abc'))").stdout == run_python("print(hash('abc'))").stdout
+@pytest.mark.parametrize("k, n", [(0, 10), (1, 10), (3, 10), (5, 10), (10, 10), (0, 164), (7, 164), (150, 164)])
+def test_wilson_interval_equals_the_inverted_score_test(k, n):
+    assert wilson_interval(k, n) == pytest.approx(wilson_by_inversion(k, n), abs=1e-9)
 
 
-def test_sandbox_memory_limit():
-    assert run_python("b = bytearray(64 << 20)", memory_mb=256).ok
-    result = run_python("b = bytearray(1 << 30)", memory_mb=256)  # would succeed (lazily) without RLIMIT_AS
-    assert not result.ok and result.stderr.rstrip().endswith("MemoryError")
-
-
-def test_sandbox_leaves_no_process_behind():
-    """A normal user's child cannot start processes at all (RLIMIT_NPROC = 0); root ignores that limit,
-    so there a process the child starts must die with the child's process group."""
-    if os.geteuid() != 0:
-        result = run_python("import os\nos.fork()")
-        assert not result.ok and "BlockingIOError" in result.stderr
-        return
-    result = run_python("import subprocess\nprint(subprocess.Popen(['sleep', '30']).pid)")
-    assert result.ok
-    pid = int(result.stdout)
-    deadline = time.monotonic() + 2.0
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)  # the signal is delivered asynchronously
-    assert not alive(pid)
-
-
-def alive(pid: int) -> bool:
-    """Running or sleeping; a zombie (dead, waiting for its reaper) or a vanished pid is not alive."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in "ZX"
+def test_wilson_interval_known_values_and_errors():
+    assert wilson_interval(3, 10) == pytest.approx((0.1078, 0.6032), abs=1e-4)  # a textbook value
+    low, high = wilson_interval(0, 164)
+    assert low == 0.0 and 0.02 < high < 0.025  # 0 of 164 still allows ~2.3%
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(0, 0)
+    with pytest.raises(ValueError, match="successes"):
+        wilson_interval(11, 10)

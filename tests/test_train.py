@@ -1,4 +1,5 @@
-"""The one stack-training loop: the best-stack guard, the boosting stop rule, the loss definition."""
+"""The one stack-training loop: the best-stack guard, the boosting stop rule, the loss definition, every
+stack's own seed, and a round checkpoint that only its own round resumes."""
 
 from dataclasses import replace
 
@@ -9,9 +10,10 @@ from ministacks.data import load_split
 from ministacks.model import ModelConfig, Transformer
 from ministacks.pipeline import base_tokenizer
 from ministacks.presets import SMOKE
-from ministacks.stacks import inject_stacks, make_adapter, stacked_layers
-from ministacks.train import (IGNORE, BoostConfig, ExampleSet, PackedExamples, StackTrainConfig, boost_domain,
-                              encode_example, example_loss, train_round)
+from ministacks.stacks import add_stack, freeze_active, inject_stacks, make_adapter, stacked_layers
+from ministacks.train import (IGNORE, STACKS_PER_SEED, BoostConfig, CheckpointMismatchError, ExampleSet,
+                              PackedExamples, StackTrainConfig, boost_domain, encode_example, example_loss,
+                              stack_seed, train_round)
 
 
 @pytest.fixture(scope="module")
@@ -171,3 +173,106 @@ def test_a_round_killed_mid_way_resumes_to_the_same_stack(tok, chat, tmp_path):
                         ckpt_dir=tmp_path / "run")
     assert again.val_curve == ref.val_curve
     assert all(torch.equal(a, b) for a, b in zip(_active_B(again_model), _active_B(ref_model)))
+
+
+# -- every stack has its own seed ----------------------------------------------------------------------------
+
+
+def test_stack_seed_is_distinct_for_every_stack_and_every_run_seed():
+    seeds = {stack_seed(base, n) for base in range(3) for n in range(50)}
+    assert len(seeds) == 150
+    assert stack_seed(0, 7) == stack_seed(0, 7)  # deterministic: a resumed run gets the seed it had
+    with pytest.raises(ValueError, match="STACKS_PER_SEED"):
+        stack_seed(0, STACKS_PER_SEED)
+
+
+def _flat_A(adapter):
+    return adapter.lora_A.detach().flatten()
+
+
+def test_two_domains_first_stacks_start_from_different_A_matrices(model, chat):
+    """Two stacks of one run must not start from (nearly) the same A: with a seed per round index they
+    did (cosine 0.99996 between chat's and code's A after 2 steps), so the code stack began as chat's."""
+    train, _ = chat
+    cfg = replace(CFG, steps=2, eval_every=2)
+    scripted = iter([1.0, 0.9, 1.0, 0.9])  # pre-round, one eval, for each round
+    chat_round = train_round(model, make_adapter("moe"), train, lambda: next(scripted), cfg, progress=False)
+    freeze_active(model, "chat")
+    code_round = train_round(model, make_adapter("moe"), train, lambda: next(scripted), cfg, progress=False)
+    assert (chat_round.stack_index, code_round.stack_index) == (0, 1) and chat_round.seed != code_round.seed
+    for layer in stacked_layers(model):
+        a, b = _flat_A(layer.stacks["chat"][0]), _flat_A(layer.active)
+        assert abs(float(torch.nn.functional.cosine_similarity(a, b, dim=0))) < 0.5
+
+
+def _recording(monkeypatch, train):
+    """Record the inputs of every training batch drawn from `train`."""
+    seen = []
+    real = train.batch
+
+    def batch(step, batch_size, seed):
+        x, y = real(step, batch_size, seed)
+        seen.append(x)
+        return x, y
+
+    monkeypatch.setattr(train, "batch", batch)
+    return seen
+
+
+def test_two_rounds_of_a_domain_see_different_batches(model, chat, monkeypatch):
+    train, _ = chat
+    seen = _recording(monkeypatch, train)
+    values = iter([2.0, 1.0, 1.0, 0.5])  # each round: pre, then one eval; round 2 gains 0.5: no stop
+    rounds = boost_domain(model, "chat", make_adapter("moe"), train, lambda: next(values),
+                          replace(CFG, steps=1, eval_every=1), BoostConfig(max_rounds=2), progress=False)
+    assert len(rounds) == 2 and len(seen) == 2
+    assert not torch.equal(seen[0], seen[1])  # step 0 of round 1 and step 0 of round 2
+    assert [r.seed for r in rounds] == [stack_seed(CFG.seed, 0), stack_seed(CFG.seed, 1)]
+
+
+def test_moe_and_lora_on_a_fresh_base_see_the_same_seed_and_batches(tok, chat, monkeypatch):
+    """Experiment 1 compares the two adapters on the same data order and seed: both are stack 0."""
+    train, _ = chat
+    seen = _recording(monkeypatch, train)
+    results = []
+    for kind in ("moe", "lora"):
+        torch.manual_seed(0)
+        m = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
+                                    max_seq_len=256))
+        inject_stacks(m)
+        values = iter([1.0, 0.9, 0.8])
+        results.append(train_round(m, make_adapter(kind), train, lambda: next(values),
+                                   replace(CFG, steps=2, eval_every=2), progress=False))
+    assert results[0].seed == results[1].seed
+    assert len(seen) == 4 and torch.equal(seen[0], seen[2]) and torch.equal(seen[1], seen[3])
+
+
+# -- a round's checkpoint belongs to that round --------------------------------------------------------------
+
+
+def test_a_checkpoint_is_refused_by_any_other_round(tok, chat, tmp_path):
+    train, _ = chat
+    cfg = replace(CFG, steps=2, eval_every=2)
+
+    def fresh(frozen=0):
+        torch.manual_seed(0)
+        m = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=64, n_head=4, n_kv_head=2,
+                                    max_seq_len=256))
+        inject_stacks(m)
+        for _ in range(frozen):
+            add_stack(m, make_adapter("moe"))
+            freeze_active(m, "chat")
+        return m
+
+    values = iter([1.0, 0.9])
+    done = train_round(fresh(), make_adapter("moe"), train, lambda: next(values), cfg, progress=False,
+                       ckpt_dir=tmp_path, owner={"domain": "chat", "round": 1})
+    # the same round again: resumed from its finished checkpoint (no evaluation at all)
+    again = train_round(fresh(), make_adapter("moe"), train, lambda: 1 / 0, cfg, progress=False,
+                        ckpt_dir=tmp_path, owner={"domain": "chat", "round": 1})
+    assert again.val_curve == done.val_curve and again.seed == done.seed
+    # another domain's round, or the same owner on a model that already holds a stack more: refused
+    for model, owner in ((fresh(), {"domain": "code", "round": 1}), (fresh(frozen=1), {"domain": "chat", "round": 1})):
+        with pytest.raises(CheckpointMismatchError, match=f"{tmp_path}.*holds the checkpoint of.*Delete"):
+            train_round(model, make_adapter("moe"), train, lambda: 1 / 0, cfg, progress=False, ckpt_dir=tmp_path,
+                        owner=owner)

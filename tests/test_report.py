@@ -1,0 +1,55 @@
+"""The report says only what was measured: every comparing sentence follows the numbers it compares."""
+
+from ministacks.report import boost_section, eval_finding, eval_section, forgetting_section, oracle_finding
+
+DOMAINS = ["chat", "math"]
+
+
+def _eval(losses: dict) -> dict:
+    """A minimal eval.json: {mode/domain: loss}."""
+    return {"domains": DOMAINS, "modes": ["base", "ungated", "routed"],
+            "results": {k: {"loss": v} for k, v in losses.items()}, "routes": {}, "samples": [],
+            "config": {"n_loss": 10, "n_generate": 2}, "paper_table4": {"GSM8K": (0.665, 0.665)}}
+
+
+def test_eval_sentence_follows_the_numbers():
+    good = _eval({"base/chat": 3.0, "ungated/chat": 2.0, "routed/chat": 1.5,
+                  "base/math": 3.0, "ungated/math": 2.0, "routed/math": 2.5})
+    bad = _eval({"base/chat": 1.0, "ungated/chat": 1.0, "routed/chat": 1.5,
+                 "base/math": 1.0, "ungated/math": 1.0, "routed/math": 2.5})
+    assert eval_finding(good) == ("Routed test loss is below the base's on 2 of 2 domains (chat, math) "
+                                  "and below ungated's on 1 of 2 (chat).")
+    assert eval_finding(bad) == "Routed test loss is below the base's on 0 of 2 domains and below ungated's on 0 of 2."
+    text = eval_section(bad, "eval.png")
+    assert "kept the base's general ability" not in text  # no fixed sentence reads as a finding
+
+
+def test_boost_sentence_follows_the_rounds():
+    def section(best):
+        rounds = [{"pre_loss": 3.0, "best_loss": b, "stop_reason": "steps", "best_step": 10, "steps_run": 10} for b in best]
+        return boost_section({"domain": "chat", "rounds": rounds, "min_improvement": 0.002,
+                              "paper": {"note": "round 2 best", "round2_best": 0.8531}})
+    assert "Round 2's best (2.0000) is below round 1's (2.5000), a change of -0.5000." in section([2.5, 2.0])
+    assert "Round 2's best (2.6000) is above round 1's (2.5000), a change of +0.1000." in section([2.5, 2.6])
+    assert "Only one round ran" in section([2.5])
+
+
+def test_forgetting_sentence_counts_cells_both_here_and_in_the_paper():
+    from ministacks.continual import PAPER_FORGETTING
+
+    run = {"domains": DOMAINS, "matrix": [[1.0, None], [1.2, 0.9]]}
+    f = {"domains": DOMAINS, "runs": {"without": run, "with": run}, "difference": [[0.0, None], [0.05, 0.0]],
+         "paper": PAPER_FORGETTING}
+    p = PAPER_FORGETTING
+    paper_lower = sum(y < x for i, (a, b) in enumerate(zip(p["without null-space"], p["with null-space"]))
+                      for j, (x, y) in enumerate(zip(a, b)) if j < i and x is not None)
+    text = forgetting_section(f)
+    assert f"lowered 0 of the 1 cross-domain (off-diagonal) losses here; in the paper it lowered {paper_lower} of 6." in text
+
+
+def test_oracle_sentence_names_our_winner_beside_the_papers():
+    paper = {"oracle": {"medical": {"chat+math": 32 / 33, "medical": 1 / 33}}}
+    same = {"oracle": {"medical": {"n": 10, "shares": {"chat+math": 0.7, "medical": 0.3}}}, "paper": paper}
+    other = {"oracle": {"medical": {"n": 10, "shares": {"chat+code+math+medical": 0.6, "base": 0.4}}}, "paper": paper}
+    assert "is chat+math (70%), the same winner; chat+math won 70%." in oracle_finding(same)
+    assert "is chat+code+math+medical (60%), a different winner; chat+math won 0%." in oracle_finding(other)
