@@ -335,23 +335,28 @@ def test_targets_chat_floor_reasoning_soft_and_label_mix():
 # -- on a real model ------------------------------------------------------------------------------------
 
 
+def _with_stacks(base, domains):
+    """A copy of `base` holding one frozen stack per domain, each with random (nonzero) B."""
+    model = Transformer(base.cfg)
+    model.load_state_dict(base.state_dict())
+    inject_stacks(model)
+    for d in domains:
+        add_stack(model, make_adapter("moe"))
+        for layer in stacked_layers(model):
+            torch.nn.init.normal_(layer.active.lora_B, std=0.2)
+        freeze_active(model, d)
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A random tiny base with one nonzero stack for each of two domains, and a small BPE tokenizer."""
     torch.manual_seed(0)
     tok = Tokenizer.train(["the patient takes 5 mg of the drug every day", "def add(a, b): return a + b"] * 20,
                           vocab_size=300)
-    model = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=32, n_head=4, n_kv_head=2,
-                                    max_seq_len=256))
-    base = Transformer(model.cfg)
-    base.load_state_dict(model.state_dict())
-    inject_stacks(model)
-    for d in ("code", "medical"):
-        add_stack(model, make_adapter("moe"))
-        for layer in stacked_layers(model):
-            torch.nn.init.normal_(layer.active.lora_B, std=0.2)
-        freeze_active(model, d)
-    return model.eval(), base.eval(), tok
+    base = Transformer(ModelConfig(vocab_size=tok.vocab_size, n_layer=2, d_model=32, n_head=4, n_kv_head=2,
+                                   max_seq_len=256))
+    return _with_stacks(base, ("code", "medical")), base.eval(), tok
 
 
 @pytest.fixture(scope="module")
@@ -361,16 +366,9 @@ def floored(tiny):
 
     _, base, tok = tiny
     torch.manual_seed(1)
-    model = Transformer(base.cfg)
-    model.load_state_dict(base.state_dict())
-    inject_stacks(model)
-    for d in ("chat", "code"):
-        add_stack(model, make_adapter("moe"))
-        for layer in stacked_layers(model):
-            torch.nn.init.normal_(layer.active.lora_B, std=0.2)
-        freeze_active(model, d)
+    model = _with_stacks(base, ("chat", "code"))
     exs = [Example("code", "Add", "", "a + b", None, "t"), Example("chat", "Hi", "", "the patient", None, "t")]
-    return model.eval(), ExampleSet(tok, exs, completion_only=True, max_len=256)
+    return model, ExampleSet(tok, exs, completion_only=True, max_len=256)
 
 
 def test_feature_pass_leaves_frozen_stacks_in_eval_mode(tiny):
