@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,6 +33,33 @@ def _add_common(p: argparse.ArgumentParser, default_out: str | None) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def positive_int(text: str) -> int:
+    """argparse type for a count that must be at least 1 (--max-new-tokens)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return n
+
+
+def writable_folder(path: str | Path, flag: str = "--out") -> Path:
+    """`path` as a folder this process can write (created if missing), checked before any work, so a bad
+    --out is one message naming it, not an OSError an hour later about a hidden temporary file."""
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        where = "is a file" if blocker == path else f"is inside {blocker}, which is a file"
+        raise ValueError(f"{flag} {path} {where}, not a folder: pass a folder (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()  # a real write: permissions alone miss read-only mounts
+    except OSError as e:
+        raise ValueError(f"{flag} {path} cannot be written ({e.strerror}): pass a folder you can write to") from None
+    return path
+
+
 def cmd_demo(args) -> int:
     from .continual import train_stage
     from .evaluate import eval_stage
@@ -41,7 +69,7 @@ def cmd_demo(args) -> int:
                          pretrain_section, router_section, write_report)
     from .routing import route_stage
 
-    preset, out, progress = get_preset(args.preset), Path(args.out), not args.no_progress
+    preset, out, progress = get_preset(args.preset), writable_folder(args.out), not args.no_progress
     t0 = time.time()
     summary = stage_pretrain(preset, out, progress=progress)
     compare = run_compare(replace(preset, quant="nf4"), out, progress=progress)  # Exp 1 is on the 4-bit base
@@ -69,6 +97,7 @@ def cmd_demo(args) -> int:
 def cmd_pretrain(args) -> int:
     from .pipeline import stage_pretrain
 
+    writable_folder(args.out)
     s = stage_pretrain(get_preset(args.preset), args.out, progress=not args.no_progress)
     print(f"validation loss {s['val_loss']:.3f} nats/token (unigram entropy {s['unigram_entropy']:.3f}), "
           f"{s['tokens_per_second']:,.0f} tokens/s, {s['params']:,} params")
@@ -86,6 +115,7 @@ def _preset(args):
 def cmd_compare(args) -> int:
     from .experiments import run_compare
 
+    writable_folder(args.out)
     c = run_compare(_preset(args), args.out, progress=not args.no_progress)
     print(f"final validation loss: MoE-LoRA {c['moe']['final']:.4f}, LoRA {c['lora']['final']:.4f}; "
           f"MoE/LoRA step time {c['speed_ratio_moe_over_lora']:.2f}x")
@@ -96,6 +126,7 @@ def cmd_compare(args) -> int:
 def cmd_boost(args) -> int:
     from .experiments import run_boost
 
+    writable_folder(args.out)
     b = run_boost(_preset(args), args.out, progress=not args.no_progress)
     print("best validation loss per round: " + ", ".join(f"{v:.4f}" for v in b["best"]))
     print(f"wrote {Path(args.out) / 'boost.json'} and {Path(args.out) / 'boost.png'}")
@@ -105,6 +136,7 @@ def cmd_boost(args) -> int:
 def cmd_train(args) -> int:
     from .continual import train_stage
 
+    writable_folder(args.out)
     preset = _preset(args)
     cc = preset.continual
     if args.domains:
@@ -123,6 +155,8 @@ def cmd_train(args) -> int:
 def cmd_route(args) -> int:
     from .routing import route_stage
 
+    if Path(args.run).is_dir():  # a missing one: locate_run's message says what to pass
+        writable_folder(args.run, "--run")  # the router is written into the run
     r = route_stage(args.run, args.preset, progress=not args.no_progress, search=args.search)
     print(f"router, against the oracle's targets: single top-1 {r['single_top1']:.3f}, mixed set match "
           f"{r['mixed_set_match']:.3f}, val BCE {r['val_bce']:.3f} (epoch {r['best_epoch']} kept; {r['params']:,} parameters)")
@@ -138,6 +172,8 @@ def cmd_eval(args) -> int:
     from .evaluate import eval_stage
     from .report import eval_table
 
+    if Path(args.run).is_dir():
+        writable_folder(args.run, "--run")  # eval.json is written into the run
     e = eval_stage(args.run, args.preset, progress=not args.no_progress)
     print("\n".join(eval_table(e)))
     print(f"wrote {e['files']['json']}")
@@ -155,9 +191,10 @@ def _answer(sr, text: str, mode, max_new_tokens: int) -> None:
 def cmd_generate(args) -> int:
     from .inference import MODES, StackedRun, parse_weights
 
-    sr = StackedRun(args.run, args.preset, router=args.mode in ("routed", "compare") and not args.weights)
-    if args.weights:
-        _answer(sr, args.prompt, parse_weights(args.weights), args.max_new_tokens)
+    weights = parse_weights(args.weights) if args.weights is not None else None  # before the (slow) load
+    sr = StackedRun(args.run, args.preset, router=args.mode in ("routed", "compare") and weights is None)
+    if weights is not None:
+        _answer(sr, args.prompt, weights, args.max_new_tokens)  # set_mode checks them against the run's domains
     else:
         for mode in MODES if args.mode == "compare" else (args.mode,):
             _answer(sr, args.prompt, mode, args.max_new_tokens)
@@ -183,9 +220,12 @@ def cmd_chat(args) -> int:
     while True:
         try:
             line = input("> ").strip()
-        except EOFError:
+        except EOFError:  # Ctrl-D
             print()
             return 0
+        except KeyboardInterrupt:  # Ctrl-C: end the prompt's line; main() says bye
+            print()
+            raise
         if not line:
             continue
         cmd, _, rest = line.partition(" ")
@@ -202,7 +242,9 @@ def cmd_chat(args) -> int:
                 for m in MODES:
                     _answer(sr, rest, m, args.max_new_tokens)
             elif cmd == "/force":
-                mode = "routed" if rest.strip() == "off" else parse_weights(rest)
+                # parsed (and checked against the run's domains) before it replaces the current setting
+                mode = ("routed" if sr.router is not None else "ungated") if rest.strip() == "off" \
+                    else parse_weights(rest, sr.domains)
                 print(f"now answering with {mode if isinstance(mode, str) else describe_weights(mode)}")
             elif cmd == "/mode":
                 if rest.strip() not in MODES:
@@ -314,13 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the prompt (it is put into the Alpaca template)")
     p.add_argument("--mode", choices=["routed", "base", "ungated", "compare"], default="routed",
                    help="routed (default): the router's weights; compare: all three modes one after another")
-    p.add_argument("--weights", help="fixed weights instead of a mode, e.g. chat=1,math=0.5")
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--weights", help="fixed weights instead of a mode, e.g. chat=1,math=0.5; each in "
+                                     "(0.12, 10]: 0.12 is the skip threshold, above 10 a stack swamps the base")
+    p.add_argument("--max-new-tokens", type=positive_int, default=96, help="answer length cap, at least 1 (default 96)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="interactive: routed answers, /route, /compare, /force weights")
     add_run(p)
-    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--max-new-tokens", type=positive_int, default=96, help="answer length cap, at least 1 (default 96)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("data", help="build the domain corpora and print their sizes")
@@ -345,9 +388,20 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory()  # ~5% faster training steps; fine for a command-line process (see its docstring)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:  # errors a user can cause: say what and how to fix it
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback; every file is written atomically, so
+        # nothing is half-written, and the resumable stages pick up from their last checkpoint
+        print(STOPPED.get(args.command, "stopped; run the same command to resume"), file=sys.stderr)
+        return 130  # 128 + SIGINT, the shell's convention
+    except ValueError as e:  # errors a user can cause: say what and how to fix it
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path that cannot be read or written (FileNotFoundError included)
+        print(f"error: {e}" if e.filename is None else f"error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+
+
+# what Ctrl-C prints; the other commands resume from their checkpoints and caches
+STOPPED = {"chat": "bye", "generate": "stopped", "bench": "stopped"}
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from .data import load_split
 from .io import atomic_write_json, read_json
 from .plots import plot_boost, plot_compare
-from .pretrain import load_base
+from .pretrain import check_run_folder, load_base
 from .stacks import inject_stacks, make_adapter
 from .train import ExampleSet, PackedExamples, boost_domain, example_loss, train_round
 
@@ -45,8 +45,12 @@ def ensure_base(preset: Preset, out: Path, progress: bool) -> None:
 
 
 def prepared_base(preset: Preset, out: Path):
-    """The frozen base with every projection wrapped (and quantized to NF4 first if the preset says so)."""
+    """The frozen base with every projection wrapped (and quantized to NF4 first if the preset says so).
+
+    Checked on the way: the base's files against their checksums and the tokenizer against the base
+    (`load_base`), and the tokenizer against the stacks of every run in `out` (`check_run_folder`)."""
     model, tok = load_base(out)
+    check_run_folder(out, tok)
     if preset.quant == "nf4":
         from .quant import quantize_model
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .data import render_alpaca
-from .io import read_json
+from .io import RunFileError, read_json_file
 from .stacks import set_base_only, set_domain_weights
 from .store import load_all_stacks, read_manifest
 
@@ -64,7 +64,12 @@ def preset_for_run(paths: RunPaths, name: str | None = None) -> Preset:
 
     manifest = read_manifest(paths.run)
     config = manifest["config"]
-    model_cfg = read_json(paths.out / "base" / "config.json")
+    from .pretrain import _base_fix
+
+    # read with the file named on failure: this is the first read of the base, before load_base checks it
+    model_cfg = read_json_file(paths.out / "base" / "config.json", _base_fix(paths.out))
+    if not isinstance(model_cfg, dict):
+        raise RunFileError(paths.out / "base" / "config.json", f"damaged: not a ModelConfig record; {_base_fix(paths.out)}")
 
     def matches(p: Preset) -> bool:
         same_model = all(model_cfg.get(k) == v for k, v in asdict(p.model).items() if k != "vocab_size")
@@ -88,10 +93,13 @@ class StackedRun:
 
     def __init__(self, path: str | Path, preset: str | None = None, router: bool = True):
         from .experiments import prepared_base
+        from .pretrain import check_run_tokenizer
 
         self.paths = locate_run(path)
         self.preset = preset_for_run(self.paths, preset)
         self.model, self.tok = prepared_base(self.preset, self.paths.out)
+        # the base, its tokenizer and these stacks belong together (the run may sit outside RUN_MANIFESTS)
+        check_run_tokenizer(self.paths.run, self.tok, self.paths.out / "tokenizer.json")
         self.manifest = read_manifest(self.paths.run)
         failed = load_all_stacks(self.paths.run, self.model, self.manifest)
         if failed:
@@ -126,10 +134,7 @@ class StackedRun:
         weights. Returns the domain weights in force (None = ungated, {} = base)."""
         set_base_only(self.model, False)
         if isinstance(mode, dict):
-            weights = {d: float(w) for d, w in mode.items()}
-            unknown = sorted(set(weights) - set(self.domains))
-            if unknown:
-                raise ValueError(f"no stacks for {unknown} in this run; it has {', '.join(self.domains)}")
+            weights = check_weights(mode, self.domains)
         elif mode == "base":
             set_base_only(self.model, True)
             return {}
@@ -157,6 +162,8 @@ class StackedRun:
         """Greedy answer to `text` (rendered in the Alpaca template, or `prompt` as given) in `mode`.
         The router reads `route_text` (default: `text`), the raw prompt without the template.
         Returns {"completion", "weights"} (weights None = ungated, {} = base)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a whole number of at least 1, not {max_new_tokens!r}")
         prompt = prompt if prompt is not None else render_alpaca(text, "")
         weights = self.set_mode(mode, route_text if route_text is not None else text)
         try:
@@ -172,23 +179,71 @@ class StackedRun:
         return {"completion": completion, "weights": weights}
 
 
-def parse_weights(text: str) -> dict[str, float]:
-    """"chat=1,math=0.5" -> {"chat": 1.0, "math": 0.5}, with a clear error on anything else."""
+# A forced weight w scales a domain's stacks, base(x) + w·Δ_d(x). The router's weights are probabilities,
+# in (SKIP_THRESHOLD, 1]; a hand-given weight may go past 1 to amplify a stack, but by 10 the added
+# residual already swamps the base's activations (the answer is noise), and a weight like 1e30 turns
+# them into inf/nan. So 10 is the cap: room to experiment, no silent overflow.
+MAX_WEIGHT = 10.0
+
+
+def check_weights(weights: dict[str, float], domains: tuple[str, ...] | None = None,
+                  forced: bool = False) -> dict[str, float]:
+    """`weights` as floats, or a ValueError naming the bad entry: every weight a finite number in
+    [0, MAX_WEIGHT] (with `forced`, a hand-given weight: in (SKIP_THRESHOLD, MAX_WEIGHT], since a domain
+    at or below the threshold is switched off, and printing it as used would mislead), every domain one
+    of `domains` (the run's, when given)."""
+    import math
+
+    from .stacks import SKIP_THRESHOLD
+
+    low = SKIP_THRESHOLD if forced else 0.0
+    out = {}
+    for d, w in weights.items():
+        try:
+            w = float(w)
+        except (TypeError, ValueError):
+            raise ValueError(f"the weight of {d} is {w!r}: weights must be numbers") from None
+        if not math.isfinite(w) or w < low or w > MAX_WEIGHT or (forced and w == low):
+            bracket = "(" if forced else "["
+            hint = (f"; a weight at or below {SKIP_THRESHOLD} switches the domain off: leave {d} out instead"
+                    if forced and math.isfinite(w) and 0 <= w <= SKIP_THRESHOLD else "")
+            raise ValueError(f"{d}={w:g}: weights must be finite numbers in {bracket}{low:g}, {MAX_WEIGHT:g}]{hint}")
+        out[d] = w
+    if domains is not None:
+        unknown = sorted(set(out) - set(domains))
+        if unknown:
+            raise ValueError(f"no stacks for {', '.join(unknown)} in this run; it has {', '.join(domains)}")
+    return out
+
+
+def parse_weights(text: str, domains: tuple[str, ...] | None = None) -> dict[str, float]:
+    """"chat=1,math=0.5" -> {"chat": 1.0, "math": 0.5}, with a clear error on anything else: a part that
+    is not domain=number, a domain given twice, a weight outside (SKIP_THRESHOLD, MAX_WEIGHT], and (with
+    `domains`, the run's) a domain the run has no stacks for."""
     weights = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
+        name = name.strip()
         try:
-            weights[name.strip()] = float(value)
+            w = float(value)
         except ValueError:
             sep = ""
-        if not sep:
+        if not sep or not name:
             raise ValueError(f"cannot read {part!r}: write weights as domain=number, e.g. chat=1,math=0.5")
-    return weights
+        if name in weights:
+            raise ValueError(f"{name} is given twice in {text!r}: give each domain one weight")
+        weights[name] = w
+    if not weights:
+        raise ValueError(f"no weights in {text!r}: write weights as domain=number, e.g. chat=1,math=0.5")
+    return check_weights(weights, domains, forced=True)
 
 
 def describe_weights(weights: dict[str, float] | None) -> str:
+    from .stacks import SKIP_THRESHOLD
+
     if weights is None:
         return "ungated (every stack at 1)"
-    if not weights:
+    live = {d: w for d, w in weights.items() if w > SKIP_THRESHOLD}  # at or below the threshold: skipped
+    if not live:
         return "base (every stack off)"
-    return ", ".join(f"{d} {w:.2f}" for d, w in sorted(weights.items(), key=lambda kv: -kv[1]))
+    return ", ".join(f"{d} {w:.2f}" for d, w in sorted(live.items(), key=lambda kv: -kv[1]))

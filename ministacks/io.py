@@ -1,13 +1,18 @@
 """Small, boring helpers for files and randomness that every stage shares.
 
 - `atomic_write_*`: write to a temporary file in the same folder, fsync, then `os.replace`, so a run
-  killed mid-write never leaves a half-written file where a good one used to be.
+  killed mid-write never leaves a half-written file where a good one used to be (nor, Ctrl-C included,
+  a stray temporary file); a failed write's OSError names the file asked for, not the temporary one.
 - `seed_everything`: one call seeds Python, NumPy and torch; CPU runs are then deterministic.
 - `cache_dir`: where built corpora and tokenizers live (`$MINISTACKS_CACHE`, else ~/.cache/ministacks).
+- `record_checksum`, `RunFileError`, `read_json_file`, `read_checked_tensors`: the checks every file of a
+  run gets (a JSON record's own sha256, a tensor file against the sha256 and size its record holds),
+  with a damaged file reported by name and with the fix.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -17,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load as safetensors_from_bytes
 from safetensors.torch import load_file, save_file
 
 
@@ -36,18 +42,25 @@ def seed_everything(seed: int) -> None:
 
 def _atomic_replace(path: Path, write) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        tmp = None
+    except OSError as e:
+        # name the file the caller asked for, not the hidden temporary one the error is about
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e  # errno picks the subclass (NotADirectoryError, ...)
+    finally:
+        # any exit but success, Ctrl-C (KeyboardInterrupt) included, leaves no temporary file behind
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
-        raise
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -79,3 +92,53 @@ def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
+
+
+# -- checked files: a record's own checksum, a tensor file against its record ------------------------
+
+
+def record_checksum(record: dict[str, Any]) -> str:
+    """sha256 (hex) of the record without its "record_sha256": its canonical JSON (sorted keys, no spaces),
+    taken as it reads back from disk, so that the same record always gives the same checksum."""
+    body = json.loads(json.dumps({k: v for k, v in record.items() if k != "record_sha256"}))
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class RunFileError(ValueError):
+    """A file of a run other than a stack (the base, its config, the tokenizer, the router) that is
+    missing a part, damaged, or belongs to another run. A ValueError, so the CLI prints it in one line;
+    the message names the file, what is wrong and what to do. `.path` is the file."""
+
+    def __init__(self, path: Path, problem: str):
+        self.path = Path(path)
+        super().__init__(f"{self.path}: {problem}")
+
+
+def read_json_file(path: str | Path, fix: str) -> Any:
+    """`read_json`, with a missing or unparsable file reported as a RunFileError naming it; `fix` says what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunFileError(path, f"missing; {fix}")
+    try:
+        return read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RunFileError(path, f"damaged: not valid JSON ({e}); {fix}") from None
+
+
+def read_checked_tensors(path: str | Path, record: dict[str, Any], fix: str) -> dict[str, torch.Tensor]:
+    """A safetensors file checked against the "sha256" / "n_bytes" its JSON record holds (when it holds
+    them: files written before they were recorded load unchecked), then parsed; any fault is a
+    RunFileError naming the file. Same check as a stack's tensor file (`_read_tensors`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunFileError(path, f"missing; {fix}")
+    data = path.read_bytes()
+    if "n_bytes" in record and len(data) != record["n_bytes"]:
+        what = "truncated" if len(data) < record["n_bytes"] else "damaged (longer than written)"
+        raise RunFileError(path, f"{what}: {len(data)} bytes, {record['n_bytes']} were written; {fix}")
+    if "sha256" in record and hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise RunFileError(path, f"damaged: its sha256 does not match the one recorded when it was written; {fix}")
+    try:
+        return safetensors_from_bytes(data)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types; say it in words
+        raise RunFileError(path, f"damaged: not a readable safetensors file ({e}); {fix}") from None

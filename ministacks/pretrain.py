@@ -14,10 +14,20 @@ The recipe (nanoGPT-style):
 Exact resume: the batch of step t is a pure function of (seed, t), the learning rate a pure function
 of t, and model + optimizer state are checkpointed (safetensors) — so a run killed at any point and
 started again ends with bit-for-bit the same weights as one that was never interrupted.
+
+A base is the ground of every stack trained on it, so its files guard themselves:
+  - `pretrain` checks the folder before it writes anything: a checkpoint of another configuration, or
+    a base / trained stacks without checkpoints and of another configuration, is refused untouched;
+  - base/config.json records, beside the ModelConfig, the sha256 and size of base/model.safetensors,
+    the tokenizer's fingerprint and the pretraining config, and `record_sha256` over all of it (as a
+    stack's record does, see store.py); `load_base` checks each, so a damaged file is reported by name
+    instead of loading as a different base. Bases written before these were recorded load unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -25,12 +35,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save as safetensors_to_bytes
 from tqdm.auto import tqdm
 
 from .checkpoint import load_latest, optimizer_from_tensors, save_checkpoint
-from .io import atomic_save_tensors, atomic_write_json, load_tensors, read_json, seed_everything
+from .io import (RunFileError, atomic_write_bytes, atomic_write_json, read_checked_tensors, read_json_file,
+                 record_checksum, seed_everything)
 from .model import ModelConfig, Transformer
+from .store import read_manifest
 from .tokenizer import Tokenizer
+
+BASE_FORMAT = "ministacks-base"
+# what base/config.json records beside the ModelConfig's own fields (all optional: older bases lack them)
+BASE_RECORD_KEYS = ("format", "tokenizer", "pretrain", "sha256", "n_bytes", "record_sha256")
+# where a run folder's trained stacks can be: `train --out D`, and the demo's two continual runs
+RUN_MANIFESTS = ("manifest.json", "nullspace/manifest.json", "no_nullspace/manifest.json")
 
 
 @dataclass(frozen=True)
@@ -156,6 +175,9 @@ def pretrain(
     optimizer step (tests use it to simulate a kill).
     """
     out = Path(out)
+    run_config = {"model": model_cfg.to_dict(), "pretrain": asdict(cfg), "tokenizer": tok.fingerprint()}
+    ckpt = load_latest(out / "checkpoints")
+    check_out_folder(out, run_config, ckpt)  # before anything is written: a refused run changes nothing
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     tok.save(out / "tokenizer.json")
@@ -167,16 +189,9 @@ def pretrain(
 
     model = Transformer(model_cfg)
     opt = make_optimizer(model, cfg)
-    run_config = {"model": model_cfg.to_dict(), "pretrain": asdict(cfg), "tokenizer": tok.fingerprint()}
     state = {"val_curve": [], "train_curve": [], "train_seconds": 0.0, "tokens_seen": 0}
 
-    ckpt = load_latest(out / "checkpoints")
     if ckpt is not None:
-        if ckpt.state["config"] != run_config:
-            raise ValueError(
-                f"{out} holds a pretraining run with a different configuration; "
-                "use another --out folder, or delete this one to start over"
-            )
         model.load_state_dict_from_save(ckpt.model)
         optimizer_from_tensors(opt, *ckpt.optimizer)
         state = {k: ckpt.state[k] for k in state}
@@ -216,8 +231,7 @@ def pretrain(
     bar.close()
 
     model.eval()
-    atomic_save_tensors(out / "base" / "model.safetensors", model.state_dict_for_save())
-    atomic_write_json(out / "base" / "config.json", model_cfg.to_dict())
+    save_base(out, model, run_config)
     summary = {
         "val_loss": state["val_curve"][-1][1],
         "val_curve": state["val_curve"],
@@ -235,12 +249,114 @@ def pretrain(
     return PretrainResult(model=model, tokenizer=tok, summary=summary)
 
 
+def check_out_folder(out: Path, run_config: dict, ckpt) -> None:
+    """Refuse to pretrain into `out` when that would replace a base of another configuration.
+
+    With a checkpoint, it must be of this configuration (then pretraining resumes). Without one, a base
+    or trained stacks already in `out` are refused unless base/config.json records this very
+    configuration (then pretraining again is deterministic and rewrites the same base): stacks are
+    corrections to one base, and a base pretrained under them would make them meaningless."""
+    if ckpt is not None:
+        if ckpt.state["config"] != run_config:
+            raise ValueError(f"{out} holds a pretraining run with a different configuration; "
+                             "use another --out folder, or delete this one to start over")
+        return
+    held = [name for name in ("base", *RUN_MANIFESTS) if (out / name).exists()]
+    if not held:
+        return
+    try:
+        recorded = _recorded_run_config(out / "base" / "config.json")
+    except RunFileError:
+        recorded = None  # unreadable: nothing says it is this configuration
+    if recorded is not None and recorded == json.loads(json.dumps(run_config)):
+        return
+    raise ValueError(f"{out} already holds {', '.join(held)} but no pretraining checkpoints of this "
+                     "configuration: pretraining here would replace the base its stacks were trained on. "
+                     "Use another --out folder")
+
+
+def _recorded_run_config(config_path: Path) -> dict | None:
+    """The pretraining config base/config.json records (in a checkpoint's "config" form), or None."""
+    if not config_path.is_file():
+        return None
+    record = read_json_file(config_path, "")
+    if not isinstance(record, dict) or "pretrain" not in record or "tokenizer" not in record:
+        return None
+    model = {k: v for k, v in record.items() if k not in BASE_RECORD_KEYS}
+    return {"model": model, "pretrain": record["pretrain"], "tokenizer": record["tokenizer"]}
+
+
+def save_base(out: Path, model: Transformer, run_config: dict) -> None:
+    """base/model.safetensors, then base/config.json: the ModelConfig plus the tensor file's sha256 and
+    size, the tokenizer fingerprint and pretraining config, and record_sha256 over all of it."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict_for_save().items()}
+    data = safetensors_to_bytes(tensors)
+    atomic_write_bytes(out / "base" / "model.safetensors", data)
+    record = {**run_config["model"], "format": BASE_FORMAT, "tokenizer": run_config["tokenizer"],
+              "pretrain": run_config["pretrain"], "sha256": hashlib.sha256(data).hexdigest(), "n_bytes": len(data)}
+    record["record_sha256"] = record_checksum(record)
+    atomic_write_json(out / "base" / "config.json", record)
+
+
+def _base_fix(run: Path) -> str:
+    return (f"restore it, or run `python -m ministacks pretrain --out {run}` with the run's preset if "
+            f"{run / 'checkpoints'} is still there (it rewrites the base from the last checkpoint); "
+            "otherwise pretrain into a fresh folder (another --out)")
+
+
 def load_base(run: str | Path) -> tuple[Transformer, Tokenizer]:
-    """Load the pretrained base (frozen, eval mode) and its tokenizer from a run folder."""
+    """Load the pretrained base (frozen, eval mode) and its tokenizer from a run folder, checked:
+    a damaged file, or a tokenizer that is not the base's, is a RunFileError naming the file."""
     run = Path(run)
-    if not (run / "base" / "model.safetensors").is_file():
+    model_path, config_path, tok_path = run / "base" / "model.safetensors", run / "base" / "config.json", run / "tokenizer.json"
+    if not model_path.is_file():
         raise FileNotFoundError(f"no pretrained base in {run}: run `python -m ministacks pretrain --out {run}` first")
-    model = Transformer(ModelConfig.from_dict(read_json(run / "base" / "config.json")))
-    model.load_state_dict_from_save(load_tensors(run / "base" / "model.safetensors"))
+    fix = _base_fix(run)
+    record = read_json_file(config_path, fix)
+    if not isinstance(record, dict):
+        raise RunFileError(config_path, f"damaged: not a ModelConfig record; {fix}")
+    if "record_sha256" in record and record["record_sha256"] != record_checksum(record):
+        raise RunFileError(config_path, f"edited or damaged: the record does not match its record_sha256; {fix}")
+    try:
+        model_cfg = ModelConfig.from_dict({k: v for k, v in record.items() if k not in BASE_RECORD_KEYS})
+        model = Transformer(model_cfg)
+    except (TypeError, ValueError) as e:
+        raise RunFileError(config_path, f"damaged: cannot build the model it describes ({e}); {fix}") from None
+    tensors = read_checked_tensors(model_path, record, fix)
+    try:
+        model.load_state_dict_from_save(tensors)
+    except (RuntimeError, ValueError) as e:  # missing names or other shapes: not the model config.json describes
+        raise RunFileError(model_path, f"does not fit {config_path} ({e}); {fix}") from None
     model.eval()
-    return model, Tokenizer.load(run / "tokenizer.json")
+    tok = Tokenizer.load(tok_path)
+    check_tokenizer(tok, tok_path, model_cfg, record, config_path)
+    return model, tok
+
+
+def check_tokenizer(tok: Tokenizer, tok_path: Path, model_cfg: ModelConfig, record: dict, config_path: Path) -> None:
+    """The tokenizer must be the one the base was pretrained with: its fingerprint as recorded, and (for
+    bases that predate the record) at least one embedding row per token id."""
+    fix = "put back the tokenizer.json that `pretrain` wrote with this base, or pretrain into a fresh folder"
+    if record.get("tokenizer") not in (None, tok.fingerprint()):
+        raise RunFileError(tok_path, f"is tokenizer {tok.fingerprint()}, but the base was pretrained with tokenizer "
+                                     f"{record['tokenizer']} (recorded in {config_path}); {fix}")
+    if tok.vocab_size != model_cfg.vocab_size:
+        raise RunFileError(tok_path, f"has {tok.vocab_size} tokens, but the base's embedding ({config_path}) has "
+                                     f"{model_cfg.vocab_size} rows: not the tokenizer of this base; {fix}")
+
+
+def check_run_tokenizer(run: Path, tok: Tokenizer, tok_path: Path) -> None:
+    """Refuse a run (RUN/manifest.json) whose stacks were trained with another tokenizer than `tok`."""
+    manifest = read_manifest(run)
+    recorded = manifest.get("tokenizer") if manifest is not None else None
+    if recorded not in (None, tok.fingerprint()):
+        raise RunFileError(tok_path, f"is tokenizer {tok.fingerprint()}, but the stacks of {run / 'manifest.json'} "
+                                     f"were trained with tokenizer {recorded}: the base, the tokenizer and the "
+                                     "stacks do not belong together. Put back the run's own tokenizer.json, or "
+                                     "train the stacks again into another --out")
+
+
+def check_run_folder(out: Path, tok: Tokenizer) -> None:
+    """`check_run_tokenizer` for every run that may live in `out` (RUN_MANIFESTS)."""
+    for name in RUN_MANIFESTS:
+        check_run_tokenizer((out / name).parent, tok, out / "tokenizer.json")

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import save as safetensors_to_bytes
 
 from .data import MIXED_KINDS, load_split, mixed_prompts, raw_prompt
-from .io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from .io import RunFileError, atomic_write_bytes, atomic_write_json, read_checked_tensors, read_json, read_json_file, record_checksum
 from .oracle import (ComboLosses, OracleResult, combo_name, exhaustive_best, find_targets, greedy_best, oracle_floor,
                      shares, winning_shares)
 from .router import MetaRouter, RouterConfig, RouterData, prompt_features, router_metrics, routing_weights, train_router
@@ -110,22 +111,46 @@ def answerable(tok, examples: list, max_len: int) -> list:
 
 
 def save_router(run: Path, router: MetaRouter, model: nn.Module) -> None:
+    """RUN/router/model.safetensors, then RUN/router/config.json: the router's shape and settings, the
+    base it was trained on, the tensor file's sha256 and size, and record_sha256 over the record (the
+    same two checksums as a stack's, store.py): a kill between the two files, a damaged file or an edited
+    setting is then a load error naming the file, not a router that routes wrongly."""
     folder = run / ROUTER_DIR
-    atomic_save_tensors(folder / "model.safetensors", router.state_dict())
-    atomic_write_json(folder / "config.json", {"token_dim": router.token_dim, "domains": list(router.domains),
-                                               "router": asdict(router.cfg), "base_fingerprint": base_fingerprint(model)})
+    data = safetensors_to_bytes({k: v.detach().cpu().contiguous() for k, v in router.state_dict().items()})
+    atomic_write_bytes(folder / "model.safetensors", data)
+    record = {"token_dim": router.token_dim, "domains": list(router.domains), "router": asdict(router.cfg),
+              "base_fingerprint": base_fingerprint(model), "tensor_file": "model.safetensors",
+              "sha256": hashlib.sha256(data).hexdigest(), "n_bytes": len(data)}
+    record["record_sha256"] = record_checksum(record)
+    atomic_write_json(folder / "config.json", record)
 
 
 def load_router(run: str | Path, model: nn.Module) -> MetaRouter | None:
-    """The run's router, or None if `route` has not been run. Refused if it was trained on another base."""
+    """The run's router, or None if `route` has not been run. Refused, naming the file, if it was trained
+    on another base, or a file is missing, damaged or edited. Routers saved before the checksums were
+    recorded load without them."""
     folder = Path(run) / ROUTER_DIR
-    if not (folder / "model.safetensors").is_file():
+    tensor_path, config_path = folder / "model.safetensors", folder / "config.json"
+    if not tensor_path.is_file():
         return None
-    meta = read_json(folder / "config.json")
+    fix = f"train the router again with `python -m ministacks route {Path(run)}`"
+    meta = read_json_file(config_path, fix)
+    need = ("token_dim", "domains", "router", "base_fingerprint")
+    if not isinstance(meta, dict) or any(k not in meta for k in need):
+        raise RunFileError(config_path, f"damaged: not a router record (it needs {list(need)}); {fix}")
+    if "record_sha256" in meta and meta["record_sha256"] != record_checksum(meta):
+        raise RunFileError(config_path, f"edited or damaged: the record does not match its record_sha256; {fix}")
     if meta["base_fingerprint"] != base_fingerprint(model):
-        raise ValueError(f"the router in {folder} was trained on another base: run `route` again")
-    router = MetaRouter(meta["token_dim"], meta["domains"], RouterConfig(**meta["router"]))
-    router.load_state_dict(load_tensors(folder / "model.safetensors"))
+        raise RunFileError(config_path, f"the router in {folder} was trained on another base; {fix}")
+    try:
+        router = MetaRouter(meta["token_dim"], meta["domains"], RouterConfig(**meta["router"]))
+    except (TypeError, ValueError) as e:
+        raise RunFileError(config_path, f"cannot rebuild the router it describes ({e}); {fix}") from None
+    tensors = read_checked_tensors(tensor_path, meta, fix)
+    try:
+        router.load_state_dict(tensors)
+    except (RuntimeError, ValueError) as e:
+        raise RunFileError(tensor_path, f"does not fit {config_path} ({e}); {fix}") from None
     return router.eval()
 
 

@@ -74,7 +74,7 @@ from safetensors.torch import save as safetensors_to_bytes
 import torch
 import torch.nn as nn
 
-from .io import atomic_write_bytes, atomic_write_json, read_json
+from .io import atomic_write_bytes, atomic_write_json, read_json, record_checksum
 from .stacks import AdapterConfig, StackedLinear, freeze_active, make_adapter
 
 STACK_FORMAT = "ministacks-stack"  # written into every stack JSON and safetensors header
@@ -238,13 +238,6 @@ def save_stack(run: str | Path, model: nn.Module, domain: str, round: int, kind:
     for adapter in adapters:
         adapter.stack_id = name  # so that loading the same stack into this model again is refused
     return tensor_path
-
-
-def record_checksum(record: dict[str, Any]) -> str:
-    """sha256 (hex) of the record without its "record_sha256": its canonical JSON (sorted keys, no spaces),
-    taken as it reads back from disk, so that the same record always gives the same checksum."""
-    body = json.loads(json.dumps({k: v for k, v in record.items() if k != "record_sha256"}))
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _read_record(json_path: Path, domain: str, round: int) -> dict[str, Any]:

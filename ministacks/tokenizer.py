@@ -24,7 +24,7 @@ from pathlib import Path
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .io import atomic_write_text, cache_dir
+from .io import RunFileError, atomic_write_text, cache_dir
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = (PAD, BOS, EOS)  # ids 0, 1, 2: fixed order so every tokenizer agrees on them
@@ -72,7 +72,16 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no tokenizer at {path}: train one with `python -m ministacks pretrain` first")
-        return cls(_HFTokenizer.from_file(str(path)))
+        fix = ("it is written by `pretrain`, which never leaves it half-written, so it was damaged or edited "
+               "outside ministacks: restore it, or `pretrain` into a fresh folder (another --out)")
+        try:
+            hf = _HFTokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - `tokenizers` raises a bare Exception with the parser's message
+            raise RunFileError(path, f"damaged: not a readable tokenizer file ({e}); {fix}") from None
+        try:
+            return cls(hf)
+        except ValueError as e:
+            raise RunFileError(path, f"{e}; {fix}") from None
 
     def fingerprint(self) -> str:
         """A short hash of the vocabulary and merges: a stack trained with one tokenizer is useless with another."""

@@ -200,7 +200,8 @@ def test_caches_follow_the_stacks_content_not_their_names(demo_dir, tmp_path):
 
     from ministacks.evaluate import _key
     from ministacks.inference import StackedRun
-    from ministacks.io import atomic_save_tensors, load_tensors, read_json
+    from ministacks.io import read_json
+    from ministacks.routing import save_router
     from ministacks.stacks import stacked_layers
     from ministacks.store import read_manifest, save_stack
 
@@ -219,9 +220,10 @@ def test_caches_follow_the_stacks_content_not_their_names(demo_dir, tmp_path):
     assert read_json(run / "nullspace" / "router" / "targets.json")["key"] != targets_key  # recomputed
     sr = StackedRun(run)
     assert _key(sr, sr.preset.eval) != eval_key
-    # a router with other weights but the same settings: eval.json is not reused either
+    # a router retrained with other weights but the same settings: eval.json is not reused either
     key = _key(sr, sr.preset.eval)
-    weights = load_tensors(run / "nullspace" / "router" / "model.safetensors")
-    atomic_save_tensors(run / "nullspace" / "router" / "model.safetensors",
-                        {k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()})
+    with torch.no_grad():
+        for p in sr.router.parameters():
+            p.add_(0.01)
+    save_router(sr.paths.run, sr.router, sr.model)
     assert _key(StackedRun(run), sr.preset.eval) != key
