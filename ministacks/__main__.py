@@ -10,6 +10,7 @@
     eval       base / ungated / routed: test loss and task accuracy per domain
     generate   answer one prompt with a trained run (routed, or any mode / weights)
     chat       interactive: route, generate, force weights, compare the three modes
+    repair     undo a run back to before a (damaged) stack, so that `train`/`demo` retrains from there
     bench      speed measurements: `bench pretrain`, `bench moe`, `bench nf4`, `bench nullspace`, `bench route`
 """
 
@@ -209,6 +210,23 @@ CHAT_HELP = """commands:
   /help, /quit"""
 
 
+def cmd_repair(args) -> int:
+    from .continual import repair_run
+    from .inference import locate_run
+
+    domain, sep, round_text = args.from_.partition(":")
+    if not sep or not round_text.strip().isdigit():
+        raise ValueError(f"--from {args.from_!r}: give DOMAIN:ROUND, e.g. --from code:2")
+    path = Path(args.run)
+    run = path if (path / "manifest.json").is_file() else locate_run(path).run
+    writable_folder(run, "--run")
+    removed = repair_run(run, domain.strip(), int(round_text))
+    print(f"removed {len(removed)} stack(s) from {run}: {', '.join(removed) or 'none'}")
+    print(f"now run the command that trained {run} again (`train --out ...` or `demo --out ...`, same preset): it "
+          f"retrains {domain.strip()} from round {int(round_text)} on; then `route` and `eval` again")
+    return 0
+
+
 def cmd_chat(args) -> int:
     from .inference import MODES, StackedRun, describe_weights, parse_weights
 
@@ -365,6 +383,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_run(p)
     p.add_argument("--max-new-tokens", type=positive_int, default=96, help="answer length cap, at least 1 (default 96)")
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("repair", help="undo a run back to before a stack (a damaged one), to retrain from there")
+    p.add_argument("--run", required=True, help="the run folder (`train --out`), a demo folder, or a run inside one")
+    p.add_argument("--from", dest="from_", required=True, metavar="DOMAIN:ROUND",
+                   help="the first stack to retrain, e.g. code:2; it and every stack trained after it are deleted")
+    p.set_defaults(func=cmd_repair)
 
     p = sub.add_parser("data", help="build the domain corpora and print their sizes")
     _add_common(p, None)

@@ -51,7 +51,8 @@ from .nullspace import (attach_projection, build_basis, capacity_by_projection, 
                         detach_projection, domain_bases, make_after_step, orthogonality_by_projection,
                         singular_spectra, subspace_similarity)
 from .stacks import freeze_active, make_adapter, set_domain_weights
-from .store import load_all_stacks, new_manifest, read_manifest, save_stack, write_manifest
+from .store import (load_all_stacks, new_manifest, read_manifest, repair_command, save_stack, stack_name, stack_paths,
+                    write_manifest)
 from .train import boosting_stops, example_loss, train_round
 
 if TYPE_CHECKING:  # presets.py imports this module's config
@@ -126,10 +127,7 @@ def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None
         write_manifest(run, manifest)
     elif manifest["config"] != config:
         raise ValueError(f"{run} holds a run with a different configuration; use another --out, or delete it")
-    failed = load_all_stacks(run, model, manifest)
-    if failed:
-        raise RuntimeError(f"cannot resume {run}: stack file(s) {failed} are unreadable; delete them and their "
-                           "manifest entries, or start a new run")
+    load_all_stacks(run, model, manifest, strict=True)  # a damaged stack: DamagedStacksError, with the repair
     ckpt_dir = run / ROUND_IN_PROGRESS
     _discard_if_saved(ckpt_dir, manifest)
 
@@ -138,6 +136,12 @@ def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None
     ns_data = {d: domain_val(preset, tok, d, ns_cfg) for d in domains} if cc.nullspace else {}
     for i, domain in enumerate(domains):
         if domain in manifest["done"]:
+            rounds = [s for s in manifest["stacks"] if s["domain"] == domain]
+            if not _replay_stop_rule(rounds, preset):  # a stack entry was removed by hand
+                raise ValueError(
+                    f"{run / 'manifest.json'} marks {domain} as trained, but its stacks stop at round {len(rounds)} "
+                    "before its boosting loop did (was an entry removed by hand?). Repair: "
+                    f"{repair_command(run, domain, len(rounds) + 1)}, then run this command again")
             continue
         t0 = time.time()
         train, val = data[domain]
@@ -191,6 +195,48 @@ def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None
     return manifest
 
 
+def repair_run(run: str | Path, domain: str, round: int) -> list[str]:
+    """Undo a run back to just before stack (domain, round), so that running the command that trained it
+    again retrains from there: that stack, the domain's later rounds and every later domain's stacks are
+    removed (each was trained on top of it), with what was computed from them — their forgetting rows,
+    the null-space bases of later domains (built from the removed stacks' outputs), capacity records and
+    the round in progress. Earlier stacks and the domain's own basis (built before its first round, from
+    earlier domains only) stay. Returns the names of the removed stacks.
+
+    The manifest is written first, then the files are deleted: a kill in between leaves only files that no
+    manifest names, which retraining overwrites."""
+    run = Path(run)
+    manifest = read_manifest(run)
+    if manifest is None:
+        raise FileNotFoundError(f"no trained run in {run} (no manifest.json)")
+    domains = manifest["domains"]
+    if domain not in domains:
+        raise ValueError(f"{run} has no domain {domain!r}; its domains: {', '.join(domains)}")
+    if round < 1:
+        raise ValueError(f"round must be 1 or more, got {round}")
+    first = domains.index(domain)
+
+    def kept(s: dict) -> bool:
+        i = domains.index(s["domain"])
+        return i < first or (i == first and s["round"] < round)
+
+    removed = [s for s in manifest["stacks"] if not kept(s)]
+    manifest["stacks"] = [s for s in manifest["stacks"] if kept(s)]
+    manifest["done"] = [d for d in manifest.get("done", []) if domains.index(d) < first]
+    for i, d in enumerate(domains[first:], start=first):
+        manifest["forgetting"]["matrix"][i] = [None] * len(domains)
+        for key in ("capacity", "capacity_by_projection", "timings"):
+            manifest.get(key, {}).pop(d, None)
+    write_manifest(run, manifest)
+    for s in removed:
+        for path in stack_paths(run, s["domain"], s["round"]):
+            path.unlink(missing_ok=True)
+    for d in domains[first + 1 :]:
+        (run / "bases" / f"{d}.safetensors").unlink(missing_ok=True)
+    shutil.rmtree(run / ROUND_IN_PROGRESS, ignore_errors=True)
+    return [stack_name(s["domain"], s["round"]) for s in removed]
+
+
 def _mean(values) -> float:
     values = list(values)
     return sum(values) / max(1, len(values))
@@ -212,7 +258,7 @@ def subspace_analysis(preset: Preset, out: str | Path, run: str | Path | None = 
     if manifest is None:
         raise FileNotFoundError(f"no trained run in {run}: run `python -m ministacks train --out {run}` first")
     model, tok = prepared_base(preset, out)
-    load_all_stacks(run, model, manifest)
+    load_all_stacks(run, model, manifest, strict=True)
     domains = [d for d in manifest["domains"] if d in manifest.get("done", [])]
     cc = preset.continual
     ns_cfg = replace(preset.stack, max_val_examples=cc.ns_examples)

@@ -101,9 +101,7 @@ class StackedRun:
         # the base, its tokenizer and these stacks belong together (the run may sit outside RUN_MANIFESTS)
         check_run_tokenizer(self.paths.run, self.tok, self.paths.out / "tokenizer.json")
         self.manifest = read_manifest(self.paths.run)
-        failed = load_all_stacks(self.paths.run, self.model, self.manifest)
-        if failed:
-            raise RuntimeError(f"stack file(s) {failed} of {self.paths.run} are unreadable")
+        load_all_stacks(self.paths.run, self.model, self.manifest, strict=True)  # a damaged stack: DamagedStacksError
         self.domains = tuple(d for d in self.manifest["domains"] if any(s["domain"] == d for s in self.manifest["stacks"]))
         self.router = None
         if router:

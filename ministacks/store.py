@@ -357,12 +357,24 @@ def _device_of(layer: StackedLinear) -> torch.device:
     return ref.device if ref is not None else torch.device("cpu")
 
 
-def load_all_stacks(run: str | Path, model: nn.Module, manifest: dict[str, Any]) -> list[str]:
+class DamagedStacksError(ValueError):
+    """Some stack files of a run cannot be loaded. The run is refused as a whole: every stack is a
+    correction on top of the stacks trained before it, so a stack trained after a damaged one is not
+    sound without it. The message names each damaged file and the command that repairs the run."""
+
+
+def repair_command(run: str | Path, domain: str, round: int) -> str:
+    return f"python -m ministacks repair --run {run} --from {domain}:{round}"
+
+
+def load_all_stacks(run: str | Path, model: nn.Module, manifest: dict[str, Any], strict: bool = False) -> list[str]:
     """Load every stack in `manifest["stacks"]` (entries {"domain", "round", ...}) in manifest order.
 
     A stack that cannot be loaded (missing, truncated, corrupted, or saved from another base) is
     reported with a warning that names the file and what is wrong, and skipped: the others still
-    load. Returns the names of the skipped stacks ([] when all loaded). A manifest written for another
+    load. Returns the names of the skipped stacks ([] when all loaded). With `strict` (what every
+    command uses), any such stack is a DamagedStacksError instead, naming every damaged file and the
+    repair: retrain from the first damaged stack (`repair_command`). A manifest written for another
     base is refused outright with ForeignBaseError: then no stack of it would fit."""
     run = Path(run)
     fp = base_fingerprint(model)
@@ -370,15 +382,24 @@ def load_all_stacks(run: str | Path, model: nn.Module, manifest: dict[str, Any])
         raise ForeignBaseError(run / MANIFEST, f"this run was trained on base {manifest['base_fingerprint']}, "
                                                f"this model's base is {fp}: "
                                                "load the run's own base (pretrain.load_base)")
-    failed = []
+    failed, problems, first = [], [], None
     for entry in manifest.get("stacks", []):
         domain, round = entry["domain"], entry["round"]
         try:
             _load_stack(run, model, domain, round, fp)
         except StackFileError as e:
             name = stack_name(domain, round)
-            warnings.warn(f"stack {name} not loaded: {e}", stacklevel=2)
+            if not strict:
+                warnings.warn(f"stack {name} not loaded: {e}", stacklevel=2)
             failed.append(name)
+            problems.append(f"  {e}")
+            first = first or (domain, round)
+    if strict and failed:
+        raise DamagedStacksError(
+            f"{run}: {len(failed)} stack file(s) cannot be loaded, so the run is refused (every later stack was "
+            "trained on top of them):\n" + "\n".join(problems) + "\nRepair: " + repair_command(run, *first)
+            + " deletes that stack and every stack trained after it; then run the command that trained the run "
+            "again (train or demo, same --out): it retrains from there")
     return failed
 
 
