@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .io import atomic_save_tensors, atomic_write_json, load_tensors, read_json
+from .io import RunFileError, atomic_save_tensors, atomic_write_json, load_tensors, read_json
 
 LATEST = "latest.json"
 
@@ -100,13 +100,16 @@ def load_latest(root: str | Path) -> Checkpoint | None:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    path = root / read_json(pointer)["name"]
+    path = root
     try:
+        path = root / read_json(pointer)["name"]
         model = load_tensors(path / "model.safetensors")
         opt = None
         if (path / "optimizer.safetensors").is_file():
             opt = (load_tensors(path / "optimizer.safetensors"), read_json(path / "optimizer.json"))
         state = read_json(path / "state.json")
     except Exception as e:  # noqa: BLE001 - re-raised with the path a user can act on
-        raise RuntimeError(f"checkpoint {path} is unreadable ({e}); delete {root} to start over") from e
+        # a ValueError: the command line prints it as one line naming the folder to delete
+        raise RunFileError(path, f"checkpoint unreadable ({type(e).__name__}: {e}); delete {root} to start "
+                                 "that training over") from None
     return Checkpoint(path=path, model=model, optimizer=opt, state=state)

@@ -212,8 +212,9 @@ def repair_run(run: str | Path, domain: str, round: int) -> list[str]:
     domains = manifest["domains"]
     if domain not in domains:
         raise ValueError(f"{run} has no domain {domain!r}; its domains: {', '.join(domains)}")
-    if round < 1:
-        raise ValueError(f"round must be 1 or more, got {round}")
+    have = sorted(s["round"] for s in manifest["stacks"] if s["domain"] == domain)
+    if not 1 <= round <= len(have) + 1:  # len + 1: the round after the last one saved (one removed by hand)
+        raise ValueError(f"{run} has {domain} round(s) {have or 'none'}: --from {domain}:N takes N from 1 to {len(have) + 1}")
     first = domains.index(domain)
 
     def kept(s: dict) -> bool:

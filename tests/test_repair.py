@@ -87,3 +87,7 @@ def test_repair_checks_its_arguments(run, capsys):
     assert "DOMAIN:ROUND" in capsys.readouterr().err
     assert main(["repair", "--run", str(run), "--from", "law:1"]) == 2
     assert "no domain 'law'" in capsys.readouterr().err
+    assert main(["repair", "--run", str(run), "--from", "code:9"]) == 2  # no such round: nothing is undone
+    assert "takes N from 1 to 3" in capsys.readouterr().err
+    assert main(["repair", "--run", str(run), "--from", "code:0"]) == 2
+

@@ -3,6 +3,7 @@ damaged base, tokenizer or router file is an error that names the file (never a 
 safetensors or the JSON parser)."""
 
 import json
+import re
 import shutil
 from dataclasses import asdict, replace
 
@@ -202,3 +203,17 @@ def test_routers_and_bases_without_checksums_still_load(run):
     config.write_text(json.dumps(old))
     again = load_router(run, model)
     assert all((a == b).all() for a, b in zip(router.state_dict().values(), again.state_dict().values()))
+
+
+def test_a_damaged_checkpoint_is_named_with_the_folder_to_delete(run):
+    """A pretraining checkpoint that cannot be read is a one-line error (a ValueError), not a traceback."""
+    from ministacks.checkpoint import load_latest
+
+    latest = load_latest(run / "checkpoints")
+    _truncate(latest.path / "model.safetensors")
+    with pytest.raises(RunFileError, match=re.escape(str(latest.path))) as e:
+        load_latest(run / "checkpoints")
+    assert f"delete {run / 'checkpoints'}" in str(e.value)
+    (run / "checkpoints" / "latest.json").write_text("{not json")
+    with pytest.raises(RunFileError, match="checkpoint unreadable"):
+        load_latest(run / "checkpoints")
