@@ -125,20 +125,21 @@ def read_json_file(path: str | Path, fix: str) -> Any:
         raise RunFileError(path, f"damaged: not valid JSON ({e}); {fix}") from None
 
 
-def read_checked_tensors(path: str | Path, record: dict[str, Any], fix: str) -> dict[str, torch.Tensor]:
+def read_checked_tensors(path: str | Path, record: dict[str, Any], fix: str, error: type = RunFileError,
+                         damaged: str = "damaged") -> dict[str, torch.Tensor]:
     """A safetensors file checked against the "sha256" / "n_bytes" its JSON record holds (when it holds
-    them: files written before they were recorded load unchecked), then parsed; any fault is a
-    RunFileError naming the file. Same check as a stack's tensor file (`_read_tensors`)."""
+    them: files written before they were recorded load unchecked), then parsed; any fault is an `error`
+    (RunFileError; store.StackFileError for a stack) naming the file, `damaged` the word for a bad byte."""
     path = Path(path)
     if not path.is_file():
-        raise RunFileError(path, f"missing; {fix}")
+        raise error(path, f"missing; {fix}")
     data = path.read_bytes()
     if "n_bytes" in record and len(data) != record["n_bytes"]:
-        what = "truncated" if len(data) < record["n_bytes"] else "damaged (longer than written)"
-        raise RunFileError(path, f"{what}: {len(data)} bytes, {record['n_bytes']} were written; {fix}")
+        what = "truncated" if len(data) < record["n_bytes"] else f"{damaged} (longer than written)"
+        raise error(path, f"{what}: {len(data)} bytes, {record['n_bytes']} were written; {fix}")
     if "sha256" in record and hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise RunFileError(path, f"damaged: its sha256 does not match the one recorded when it was written; {fix}")
+        raise error(path, f"{damaged}: its sha256 does not match the one recorded when it was written; {fix}")
     try:
         return safetensors_from_bytes(data)
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types; say it in words
-        raise RunFileError(path, f"damaged: not a readable safetensors file ({e}); {fix}") from None
+        raise error(path, f"{damaged}: not a readable safetensors file ({e}); {fix}") from None

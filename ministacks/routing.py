@@ -28,7 +28,7 @@ from safetensors.torch import save as safetensors_to_bytes
 
 from .data import MIXED_KINDS, load_split, mixed_prompts, raw_prompt
 from .io import RunFileError, atomic_write_bytes, atomic_write_json, read_checked_tensors, read_json, read_json_file, record_checksum
-from .oracle import (ComboLosses, OracleResult, combo_name, exhaustive_best, find_targets, greedy_best, oracle_floor,
+from .oracle import (ComboLosses, OracleResult, combo_name, find_targets, greedy_best, oracle_floor,
                      shares, winning_shares)
 from .router import MetaRouter, RouterConfig, RouterData, prompt_features, router_metrics, routing_weights, train_router
 from .store import base_fingerprint, content_key
@@ -96,10 +96,10 @@ def searches_compared(oracle: OracleResult, labels: list[str], cfg: RouterConfig
     """Both searches' winning combinations per domain, from the losses the oracle already measured: the
     exhaustive search measures every combination, so the greedy search's answer costs nothing more.
     After a greedy search only the greedy answer is known (its table lacks combinations it never tried)."""
-    losses = ComboLosses.from_table(oracle.losses)
-    out = {"greedy": winning_shares(greedy_best(losses, oracle.domains, cfg.min_gain), labels, oracle.domains)}
+    out = {cfg.search: winning_shares(oracle.best, labels, oracle.domains)}
     if cfg.search == "exhaustive":
-        out["exhaustive"] = winning_shares(exhaustive_best(losses, oracle.domains, cfg.min_gain), labels, oracle.domains)
+        greedy = greedy_best(ComboLosses.from_table(oracle.losses), oracle.domains, cfg.min_gain)
+        out["greedy"] = winning_shares(greedy, labels, oracle.domains)
     return out
 
 

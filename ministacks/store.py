@@ -69,12 +69,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import load as safetensors_from_bytes
 from safetensors.torch import save as safetensors_to_bytes
 import torch
 import torch.nn as nn
 
-from .io import atomic_write_bytes, atomic_write_json, read_json, record_checksum
+from .io import atomic_write_bytes, atomic_write_json, read_checked_tensors, read_json, record_checksum
 from .stacks import AdapterConfig, StackedLinear, freeze_active, make_adapter
 
 STACK_FORMAT = "ministacks-stack"  # written into every stack JSON and safetensors header
@@ -274,18 +273,8 @@ def _read_tensors(tensor_path: Path, record: dict[str, Any]) -> dict[str, torch.
     """The file's bytes, checked against the size and sha256 in the JSON, then parsed."""
     if not tensor_path.is_file():
         raise StackFileError(tensor_path, "missing: the stack record exists but its tensor file does not")
-    data = tensor_path.read_bytes()
-    if len(data) != record["n_bytes"]:
-        what = "truncated" if len(data) < record["n_bytes"] else "corrupted (longer than written)"
-        raise StackFileError(tensor_path, f"{what}: {len(data)} bytes, {record['n_bytes']} were written. "
-                                          "Retrain this stack or restore the file from a backup")
-    if hashlib.sha256(data).hexdigest() != record["sha256"]:
-        raise StackFileError(tensor_path, "corrupted: sha256 of the file does not match its record. "
-                                          "Retrain this stack or restore the file from a backup")
-    try:
-        return safetensors_from_bytes(data)
-    except Exception as e:  # safetensors raises its own error types; say it in words
-        raise StackFileError(tensor_path, f"corrupted: not a readable safetensors file ({e})") from None
+    return read_checked_tensors(tensor_path, record, "retrain this stack or restore the file from a backup",
+                                error=StackFileError, damaged="corrupted")
 
 
 def load_stack(run: str | Path, model: nn.Module, domain: str, round: int) -> dict[str, Any]:
