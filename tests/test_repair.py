@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 
 from ministacks.__main__ import main
 
+from damage import flip_middle_byte
+
 TRAIN = ["train", "--preset", "smoke", "--domains", "chat,code", "--no-progress"]
 
 
@@ -28,19 +30,13 @@ def run(trained, tmp_path):
     return copy
 
 
-def _flip_a_byte(path):
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def _stacks(run):
     return [(s["domain"], s["round"]) for s in json.loads((run / "manifest.json").read_text())["stacks"]]
 
 
 def test_a_damaged_stack_is_one_message_naming_it_and_the_repair(run, capsys):
     damaged = run / "stacks" / "code_r01.safetensors"
-    _flip_a_byte(damaged)
+    flip_middle_byte(damaged)
     for argv in (["generate", "--run", str(run), "--prompt", "hi", "--max-new-tokens", "2"],
                  ["eval", "--run", str(run), "--no-progress"],
                  ["route", "--run", str(run), "--no-progress"],

@@ -12,14 +12,16 @@ import pytest
 from ministacks.data import general_corpus
 from ministacks.experiments import prepared_base
 from ministacks.inference import StackedRun
+from ministacks.io import RunFileError
 from ministacks.pipeline import base_tokenizer
 from ministacks.presets import SMOKE, with_vocab
 from ministacks.pretrain import BASE_RECORD_KEYS, PretrainConfig, load_base, pretrain
 from ministacks.router import MetaRouter, RouterConfig
 from ministacks.routing import load_router, save_router
-from ministacks.io import RunFileError
 from ministacks.store import new_manifest, write_manifest
 from ministacks.tokenizer import Tokenizer
+
+from damage import flip_middle_byte, truncate
 
 
 def _tiny(cfg: PretrainConfig) -> PretrainConfig:
@@ -141,17 +143,6 @@ def test_stacks_of_another_tokenizer_are_refused_by_stacked_run(built, run):
 # -- (3) damaged files are named -------------------------------------------------------------------
 
 
-def _truncate(path):
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-def _flip(path):
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
 def _invalid_json(path):
     if path.suffix == ".safetensors":  # its header is JSON, after an 8-byte length
         data = bytearray(path.read_bytes())
@@ -164,7 +155,7 @@ def _invalid_json(path):
 FILES = ["base/model.safetensors", "base/config.json", "tokenizer.json", "router/model.safetensors", "router/config.json"]
 
 
-@pytest.mark.parametrize("damage", [_truncate, _flip, _invalid_json], ids=["truncated", "flipped", "invalid_json"])
+@pytest.mark.parametrize("damage", [truncate, flip_middle_byte, _invalid_json], ids=["truncated", "flipped", "invalid_json"])
 @pytest.mark.parametrize("name", FILES)
 def test_a_damaged_file_is_named(run, name, damage):
     path = run / name
@@ -178,7 +169,7 @@ def test_a_damaged_file_is_named(run, name, damage):
 
 
 def test_a_flipped_byte_in_the_base_says_damaged(run):
-    _flip(run / "base" / "model.safetensors")
+    flip_middle_byte(run / "base" / "model.safetensors")
     with pytest.raises(RunFileError, match="damaged: its sha256"):
         load_base(run)
 
@@ -210,7 +201,7 @@ def test_a_damaged_checkpoint_is_named_with_the_folder_to_delete(run):
     from ministacks.checkpoint import load_latest
 
     latest = load_latest(run / "checkpoints")
-    _truncate(latest.path / "model.safetensors")
+    truncate(latest.path / "model.safetensors")
     with pytest.raises(RunFileError, match=re.escape(str(latest.path))) as e:
         load_latest(run / "checkpoints")
     assert f"delete {run / 'checkpoints'}" in str(e.value)

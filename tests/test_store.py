@@ -14,6 +14,8 @@ from ministacks.stacks import (AdapterConfig, add_stack, freeze_active, inject_s
 from ministacks.store import (ForeignBaseError, StackFileError, base_fingerprint, load_all_stacks, load_stack,
                               new_manifest, read_manifest, record_checksum, save_stack, stack_paths, write_manifest)
 
+from damage import flip_middle_byte, truncate
+
 CFG = ModelConfig(vocab_size=97, n_layer=2, d_model=64, n_head=4, n_kv_head=2, max_seq_len=32)
 SMALL = AdapterConfig(n_experts=3, r=4, top_k=1, lora_alpha=8.0, use_rslora=False, lora_r=8)  # not the defaults
 # (domain, round, kind, config): two domains, several rounds, both kinds, default and non-default configs
@@ -113,18 +115,7 @@ def test_save_refuses_a_config_that_does_not_describe_the_stack(tmp_path):
     assert not (tmp_path / "stacks").exists()  # nothing half-written
 
 
-def _truncate(path):
-    data = path.read_bytes()
-    path.write_bytes(data[: len(data) // 2])
-
-
-def _flip_middle_byte(path):
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    path.write_bytes(bytes(data))
-
-
-@pytest.mark.parametrize("damage, words", [(_truncate, "truncated"), (_flip_middle_byte, "corrupted")])
+@pytest.mark.parametrize("damage, words", [(truncate, "truncated"), (flip_middle_byte, "corrupted")])
 def test_damaged_file_is_named_and_the_others_still_load(tmp_path, damage, words):
     model, manifest = _trained_run(tmp_path)
     bad = stack_paths(tmp_path, "chat", 2)[0]
