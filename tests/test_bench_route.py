@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from ministacks.bench_route import (
+from ministacks.bench.route import (
     FORWARD,
     GENERATE,
     ROUTE,
@@ -19,9 +19,9 @@ from ministacks.bench_route import (
     stacked_model,
 )
 from ministacks.data.example import DOMAINS
-from ministacks.model import ModelConfig
-from ministacks.router import MetaRouter, RouterConfig
-from ministacks.stacks import set_domain_weights, stacked_layers
+from ministacks.lm.model import ModelConfig
+from ministacks.routing.router import MetaRouter, RouterConfig
+from ministacks.stacks.layer import StacksOn, set_stacks, stacked_layers
 
 TINY = ModelConfig(vocab_size=97, n_layer=1, d_model=64, n_head=4, n_kv_head=2, max_seq_len=32)
 
@@ -54,6 +54,17 @@ def test_bench_route_structure_and_report():
                    "chat 0.2", "math 0.9", "router's share", "target routed <= 1.3x base"):
         assert needle in text, needle
 
+    # the two busy-machine warnings, on a planted spread and load average
+    for kind in ("forward", "generate"):
+        r[kind]["spread"] = {k: 1.0 for k in r[kind]["spread"]}
+    d["load_before"] = 0.2
+    assert "warning" not in format_bench_route(d)
+    r["generate"]["spread"]["routed"] = 1.5
+    d["load_before"] = 3.0
+    text = format_bench_route(d)
+    assert "warning: median runs up to 1.50x the fastest" in text
+    assert "warning: the load average was 3.0 on" in text
+
 
 @torch.no_grad()
 def test_routed_forward_is_the_forward_with_the_routes_weights():
@@ -64,15 +75,15 @@ def test_routed_forward_is_the_forward_with_the_routes_weights():
     logits, parts = routed_forward(model, router, ids)
     assert set(parts) == set(ROUTED_PARTS)
 
-    set_domain_weights(reference, ROUTE)
+    set_stacks(reference, StacksOn.weighted(ROUTE))
     torch.testing.assert_close(logits, reference(ids).logits)
     # the route matters: neither the base alone nor every stack at 1 gives these logits
-    set_domain_weights(reference, None)
+    set_stacks(reference, StacksOn.ungated())
     assert not torch.allclose(logits, reference(ids).logits, atol=1e-4)
     assert not torch.allclose(logits, base_forward(reference, ids), atol=1e-4)
 
     seq, _ = routed_generate(model, router, ids[:1], 4)
-    set_domain_weights(reference, ROUTE)
+    set_stacks(reference, StacksOn.weighted(ROUTE))
     assert torch.equal(seq, reference.generate(ids[:1], 4))
 
 
@@ -86,4 +97,4 @@ def test_loop_and_fused_agree_on_the_benchmarks_model():
     torch.testing.assert_close(loop, fused, rtol=1e-4, atol=1e-5)
     # the stacks do work (random B): without them the logits differ
     assert not torch.allclose(fused, base_forward(model, ids), atol=1e-4)
-    assert not any(layer.base_only for layer in stacked_layers(model))  # restored
+    assert not any(layer.on.base for layer in stacked_layers(model))  # restored

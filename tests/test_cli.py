@@ -117,7 +117,7 @@ def test_eval_json_has_every_mode_and_domain(demo_dir):
 
 
 def test_eval_resumes_only_what_is_missing(demo_dir):
-    from ministacks.evaluate import eval_stage
+    from ministacks.stages.evaluate import eval_stage
 
     path = demo_dir / "nullspace" / "eval.json"
     e = json.loads(path.read_text())
@@ -166,11 +166,11 @@ def test_routed_generation_one_hot_equals_only_that_domains_stacks(demo_dir):
     import torch
 
     from ministacks.data import render_alpaca
-    from ministacks.experiments import prepared_base
-    from ministacks.inference import StackedRun
-    from ministacks.store import load_stack, read_manifest
+    from ministacks.run import load_run, prepared_base
+    from ministacks.stacks.layer import StacksOn, stacks_on
+    from ministacks.stacks.store import load_stack, read_manifest
 
-    sr = StackedRun(demo_dir)
+    sr = load_run(demo_dir)
     prompt = "Write a Python function `add(a, b)` that does the following."
     got = sr.generate(prompt, {"code": 1.0}, max_new_tokens=12, repetition_penalty=1.0)["completion"]
     model, tok = prepared_base(sr.preset, sr.paths.out)
@@ -182,11 +182,10 @@ def test_routed_generation_one_hot_equals_only_that_domains_stacks(demo_dir):
     assert got == tok.decode([t for t in out[0, len(ids):].tolist() if t != tok.eos_id])
     # and the logits agree exactly, while with every stack on they differ (the skipped stacks matter)
     x = torch.tensor([ids])
-    sr.set_mode({"code": 1.0})
-    routed_logits = sr.model(x).logits
-    sr.set_mode("ungated")
-    ungated_logits = sr.model(x).logits
-    sr.reset()
+    with stacks_on(sr.model, sr.stacks_for({"code": 1.0})):
+        routed_logits = sr.model(x).logits
+    with stacks_on(sr.model, StacksOn.ungated()):
+        ungated_logits = sr.model(x).logits
     assert torch.allclose(routed_logits, model(x).logits, atol=1e-5)
     assert not torch.allclose(ungated_logits, routed_logits, atol=1e-3)
 
@@ -198,16 +197,16 @@ def test_caches_follow_the_stacks_content_not_their_names(demo_dir, tmp_path):
 
     import torch
 
-    from ministacks.evaluate import _key
-    from ministacks.inference import StackedRun
+    from ministacks.stages.evaluate import _key
     from ministacks.io import read_json
-    from ministacks.routing import save_router
-    from ministacks.stacks import stacked_layers
-    from ministacks.store import read_manifest, save_stack
+    from ministacks.routing.router import save_router
+    from ministacks.run import load_run
+    from ministacks.stacks.layer import stacked_layers
+    from ministacks.stacks.store import read_manifest, save_stack
 
     run = tmp_path / "demo"
     shutil.copytree(demo_dir, run)
-    sr = StackedRun(run)
+    sr = load_run(run)
     eval_key = _key(sr, sr.preset.eval)
     targets_key = read_json(run / "nullspace" / "router" / "targets.json")["key"]
     # "retrain" code_r01: new tensors, saved exactly as train saves a stack, under the same name
@@ -218,7 +217,7 @@ def test_caches_follow_the_stacks_content_not_their_names(demo_dir, tmp_path):
     save_stack(sr.paths.run, sr.model, "code", 1, "moe", sr.preset.adapter, meta=entry, index=0)
     assert main(["route", "--run", str(run), "--no-progress"]) == 0
     assert read_json(run / "nullspace" / "router" / "targets.json")["key"] != targets_key  # recomputed
-    sr = StackedRun(run)
+    sr = load_run(run)
     assert _key(sr, sr.preset.eval) != eval_key
     # a router retrained with other weights but the same settings: eval.json is not reused either
     key = _key(sr, sr.preset.eval)
@@ -226,4 +225,4 @@ def test_caches_follow_the_stacks_content_not_their_names(demo_dir, tmp_path):
         for p in sr.router.parameters():
             p.add_(0.01)
     save_router(sr.paths.run, sr.router, sr.model)
-    assert _key(StackedRun(run), sr.preset.eval) != key
+    assert _key(load_run(run), sr.preset.eval) != key

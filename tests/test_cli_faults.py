@@ -14,7 +14,7 @@ import torch
 
 from ministacks import io
 from ministacks.__main__ import main
-from ministacks.inference import StackedRun, describe_weights, parse_weights
+from ministacks.inference.stacked import StackedRun, describe_weights, parse_weights
 
 
 def _interrupt(*args, **kwargs):
@@ -55,18 +55,19 @@ class FakeRun:
 @pytest.fixture
 def fake_run(monkeypatch):
     FakeRun.made = 0
-    monkeypatch.setattr("ministacks.inference.StackedRun", FakeRun)
+    monkeypatch.setattr("ministacks.stages.generate.load_run", FakeRun)
+    monkeypatch.setattr("ministacks.stages.chat.load_run", FakeRun)
     return FakeRun
 
 
 # -- (4) Ctrl-C is a clean stop --------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv, target", [
-    (["train", "--preset", "smoke"], "ministacks.continual.train_stage"),
-    (["pretrain", "--preset", "smoke"], "ministacks.pipeline.stage_pretrain"),
-    (["compare", "--preset", "smoke"], "ministacks.experiments.run_compare"),
-    (["route"], "ministacks.routing.route_stage"),
-    (["eval"], "ministacks.evaluate.eval_stage"),
+    (["train", "--preset", "smoke"], "ministacks.stages.continual.train_stage"),
+    (["pretrain", "--preset", "smoke"], "ministacks.stages.pretrain.stage_pretrain"),
+    (["compare", "--preset", "smoke"], "ministacks.stages.compare.run_compare"),
+    (["route"], "ministacks.stages.route.route_stage"),
+    (["eval"], "ministacks.stages.evaluate.eval_stage"),
 ])
 def test_ctrl_c_is_one_line_and_exit_130(argv, target, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(target, _interrupt)
@@ -155,13 +156,13 @@ def test_good_weights_are_used_and_printed(fake_run, capsys):
 def test_weights_are_checked_against_the_runs_domains():
     with pytest.raises(ValueError, match="no stacks for law in this run; it has chat, math"):
         parse_weights("law=1", ("chat", "math"))
-    # StackedRun.set_mode too (generate's path), and nan/inf from code, not only from the command line
-    fake = type("S", (), {"model": torch.nn.Linear(2, 2), "domains": ("chat", "math")})()
+    # StackedRun.stacks_for too (generate's path), and nan/inf from code, not only from the command line
+    run = StackedRun(torch.nn.Linear(2, 2), None, ("chat", "math"))
     with pytest.raises(ValueError, match="no stacks for law"):
-        StackedRun.set_mode(fake, {"law": 1.0})
+        run.stacks_for({"law": 1.0})
     with pytest.raises(ValueError, match="finite numbers"):
-        StackedRun.set_mode(fake, {"chat": float("nan")})
-    assert StackedRun.set_mode(fake, {"chat": 0.5}) == {"chat": 0.5}
+        run.stacks_for({"chat": float("nan")})
+    assert run.stacks_for({"chat": 0.5}).as_json() == {"chat": 0.5}
 
 
 def test_describe_weights_never_shows_a_skipped_domain_as_used():
@@ -198,11 +199,11 @@ def test_chat_force_with_a_bad_domain_keeps_the_previous_setting(fake_run, monke
 # -- (7) write faults are messages --------------------------------------------------------------------
 
 @pytest.mark.parametrize("command, target", [
-    ("pretrain", "ministacks.pipeline.stage_pretrain"),
-    ("train", "ministacks.continual.train_stage"),
-    ("demo", "ministacks.pipeline.stage_pretrain"),
-    ("compare", "ministacks.experiments.run_compare"),
-    ("boost", "ministacks.experiments.run_boost"),
+    ("pretrain", "ministacks.stages.pretrain.stage_pretrain"),
+    ("train", "ministacks.stages.continual.train_stage"),
+    ("demo", "ministacks.stages.demo.stage_pretrain"),
+    ("compare", "ministacks.stages.compare.run_compare"),
+    ("boost", "ministacks.stages.boost.run_boost"),
 ])
 @pytest.mark.parametrize("where, says", [
     ("file", "is a file, not a folder"),            # --out is itself a file
@@ -228,7 +229,7 @@ def test_a_write_fault_during_work_names_the_file_not_the_temporary_one(tmp_path
         Path(out_dir).write_text("now a file")
         io.atomic_write_json(Path(out_dir) / "pretrain.json", {})
 
-    monkeypatch.setattr("ministacks.pipeline.stage_pretrain", stage)
+    monkeypatch.setattr("ministacks.stages.pretrain.stage_pretrain", stage)
     assert main(["pretrain", "--preset", "smoke", "--out", str(out), "--no-progress"]) == 2
     line = _one_line(capsys.readouterr().err)
     assert line.startswith(f"error: {out / 'pretrain.json'}: ") and ".tmp" not in line

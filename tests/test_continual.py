@@ -9,14 +9,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import ministacks.continual as continual
-from ministacks.continual import load_basis, run_continual
-from ministacks.experiments import domain_val, ensure_base, prepared_base
-from ministacks.nullspace import project_out
+import ministacks.training.continual as continual
+import ministacks.training.sft as sft
+from ministacks.run import prepared_base
+from ministacks.stages.common import domain_val
+from ministacks.stages.continual import run_continual
+from ministacks.stages.pretrain import ensure_base
+from ministacks.training.continual import load_basis
+from ministacks.training.nullspace import project_out
 from ministacks.presets import SMOKE
-from ministacks.stacks import set_domain_weights, stacked_layers
-from ministacks.store import load_all_stacks, read_manifest, stack_paths
-from ministacks.train import example_loss, stack_seed
+from ministacks.stacks.layer import StacksOn, set_stacks, stacked_layers
+from ministacks.stacks.store import load_all_stacks, read_manifest, stack_paths
+from ministacks.training.sft import example_loss, stack_seed
 
 
 def _preset(domains, rounds=1, steps=4, **kw):
@@ -53,7 +57,7 @@ def test_zero_forgetting_in_isolation(base, tmp_path):
     assert load_all_stacks(tmp_path, model, m) == []
     domains = m["domains"]
     for i, d in enumerate(domains):
-        set_domain_weights(model, {e: 1.0 for e in domains[: i + 1]})
+        set_stacks(model, StacksOn.weighted({e: 1.0 for e in domains[: i + 1]}))
         val = domain_val(preset, tok, d, preset.stack)
         recorded = [s for s in m["stacks"] if s["domain"] == d][-1]["best_loss"]
         assert example_loss(model, val) == pytest.approx(recorded, abs=2e-4)
@@ -68,7 +72,7 @@ def test_a_run_killed_mid_round_resumes_to_the_same_stacks(base, tmp_path, monke
     preset = _preset(["chat", "code"], rounds=2, steps=6)
     ref = run_continual(preset, base, tmp_path / "ref", progress=False)
 
-    real_round = continual.train_round
+    real_round = sft.train_round  # the boosting loop (sft.boost_domain) calls it
     calls = {"steps": 0}
 
     def killing_round(*args, **kwargs):
@@ -86,10 +90,10 @@ def test_a_run_killed_mid_round_resumes_to_the_same_stacks(base, tmp_path, monke
         kwargs["after_step"] = after_step
         return real_round(*args, **kwargs)
 
-    monkeypatch.setattr(continual, "train_round", killing_round)
+    monkeypatch.setattr(sft, "train_round", killing_round)
     with pytest.raises(Killed):
         run_continual(preset, base, tmp_path / "run", progress=False)
-    monkeypatch.setattr(continual, "train_round", real_round)
+    monkeypatch.setattr(sft, "train_round", real_round)
     assert (tmp_path / "run" / "round_in_progress").is_dir()  # it really died inside a round
     resumed = run_continual(preset, base, tmp_path / "run", progress=False)
     assert resumed["forgetting"] == ref["forgetting"]
@@ -207,7 +211,7 @@ def test_reference_mode_records_the_loss_of_the_stack_as_saved(base, tight_refer
     model, tok = prepared_base(TIGHT, base)
     assert load_all_stacks(run, model, m) == []
     for i, d in enumerate(m["domains"]):
-        set_domain_weights(model, {e: 1.0 for e in m["domains"][: i + 1]})
+        set_stacks(model, StacksOn.weighted({e: 1.0 for e in m["domains"][: i + 1]}))
         recorded = [s for s in m["stacks"] if s["domain"] == d][-1]["best_loss"]
         assert example_loss(model, domain_val(TIGHT, tok, d, TIGHT.stack)) == pytest.approx(recorded, abs=2e-4), d
 

@@ -7,10 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from ministacks import humaneval
+from ministacks.evaluation import humaneval
 from ministacks.data import code, raw_prompt
-from ministacks.evaluate import EvalConfig, _humaneval
-from ministacks.humaneval import (
+from ministacks.presets import EvalConfig
+from ministacks.stages.evaluate import _humaneval
+from ministacks.evaluation.humaneval import (
     Problem,
     function_body,
     load_problems,
@@ -20,7 +21,7 @@ from ministacks.humaneval import (
     run_tests,
     to_example,
 )
-from ministacks.tasks import wilson_interval
+from ministacks.evaluation.tasks import wilson_interval
 
 
 @pytest.fixture(scope="module")

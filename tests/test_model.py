@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ministacks.model import KVCache, ModelConfig, Transformer, apply_rope, rope_tables
+from ministacks.lm.model import KVCache, ModelConfig, Transformer, apply_rope, rope_tables
 
 TINY = dict(vocab_size=97, n_layer=2, d_model=64, n_head=4, n_kv_head=2, max_seq_len=64)
 

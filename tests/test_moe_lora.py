@@ -8,11 +8,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ministacks.bench_moe import NaiveMoELoRA
-from ministacks.stacks import add_stack, inject_stacks
-from ministacks.lora import LoRA, lora_param_count
-from ministacks.model import ModelConfig, Transformer
-from ministacks.moe_lora import (GEMMA3_12B_DIMS, GEMMA3_12B_N_LAYERS, TINYLLAMA_DIMS, TINYLLAMA_N_LAYERS,
+from ministacks.bench.moe import NaiveMoELoRA
+from ministacks.stacks.layer import add_stack, inject_stacks
+from ministacks.adapters.lora import LoRA, lora_param_count
+from ministacks.lm.model import ModelConfig, Transformer
+from ministacks.adapters.moe_lora import (GEMMA3_12B_DIMS, GEMMA3_12B_N_LAYERS, TINYLLAMA_DIMS, TINYLLAMA_N_LAYERS,
                                  MoELoRA, llama_projection_dims, moe_lora_param_count, route,
                                  stack_param_count)
 

@@ -11,18 +11,18 @@ import torch
 import torch.nn as nn
 
 from ministacks.data import load_split
-from ministacks.model import ModelConfig, Transformer
-from ministacks.moe_lora import MoELoRA
-from ministacks.nullspace import (Projection, attach_projection, build_basis, capacity_by_projection, capacity_report,
+from ministacks.lm.model import ModelConfig, Transformer
+from ministacks.adapters.moe_lora import MoELoRA
+from ministacks.training.nullspace import (Projection, attach_projection, build_basis, capacity_by_projection, capacity_report,
                                   capacity_warning, collect_deltas, detach_projection, directions_per_domain,
                                   domain_bases, layer_leakage, leakage, make_after_step, model_leakage,
                                   orthogonality_by_projection, orthonormal_union, project_out, randomized_svd,
                                   singular_spectra, strict_project_, subspace_similarity)
-from ministacks.pipeline import base_tokenizer
+from ministacks.stages.pretrain import base_tokenizer
 from ministacks.presets import PRESETS, SMOKE
-from ministacks.stacks import (AdapterConfig, StackedLinear, add_stack, freeze_active, inject_stacks, make_adapter,
-                               set_domain_weights, stacked_layers)
-from ministacks.train import IGNORE, ExampleSet, PackedExamples, StackTrainConfig, train_round
+from ministacks.stacks.layer import (AdapterConfig, StackedLinear, add_stack, freeze_active, inject_stacks, make_adapter,
+                               StacksOn, set_stacks, stacked_layers)
+from ministacks.training.sft import IGNORE, ExampleSet, PackedExamples, StackTrainConfig, train_round
 
 
 def orthonormal(d: int, k: int, seed: int) -> torch.Tensor:
@@ -183,13 +183,13 @@ def test_collect_deltas_by_domain_adds_up_and_restores_the_model_state():
     random_stack(model, "b", seed=2)
     add_stack(model, make_adapter("moe"))  # an active stack, which must be left as it was
     active = [layer.active for layer in stacked_layers(model)]
-    set_domain_weights(model, {"a": 0.9, "b": 0.5})
+    set_stacks(model, StacksOn.weighted({"a": 0.9, "b": 0.5}))
     model.train()
     data = padded_batches([7, 10, 3, 10], T=10, seed=3, n_batches=2)
     a, b, both = (collect_deltas(model, data, ds) for ds in (["a"], ["b"], None))
     for name in both:
         assert torch.allclose(a[name] + b[name], both[name], atol=1e-5)
-    assert all(layer.domain_weights == {"a": 0.9, "b": 0.5} for layer in stacked_layers(model))
+    assert all(layer.on.as_json() == {"a": 0.9, "b": 0.5} for layer in stacked_layers(model))
     assert [layer.active for layer in stacked_layers(model)] == active and model.training
     assert collect_deltas(model, data, ["a"], max_examples=3)["layers.0.self_attn.q_proj"].shape == (3, 64)
     with pytest.raises(ValueError, match="no frozen stack"):

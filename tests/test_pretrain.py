@@ -9,10 +9,10 @@ import torch
 from ministacks.checkpoint import load_latest
 from ministacks.data import general_corpus
 from ministacks.io import load_tensors
-from ministacks.pipeline import base_tokenizer, stage_pretrain
+from ministacks.stages.pretrain import base_tokenizer, stage_pretrain
 from ministacks.presets import SMOKE, with_vocab
-from ministacks.pretrain import (PretrainConfig, get_batch, load_base, lr_at, pretrain, split_documents,
-                                 unigram_entropy)
+from ministacks.lm.base import load_base
+from ministacks.lm.pretrain import PretrainConfig, get_batch, lr_at, pretrain, split_documents, unigram_entropy
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ministacks.model import ModelConfig, Transformer
-from ministacks.quant import (
+from ministacks.bench.nf4 import bench_nf4, format_bench_nf4
+from ministacks.lm.model import ModelConfig, Transformer
+from ministacks.lm.quant import (
     DYNAMIC_CODE,
     NF4_CODE,
     NF4Linear,
     NF4Weight,
     TARGET_MODULES,
-    bench_nf4,
-    format_bench_nf4,
     dequantize_nf4,
     model_nbytes,
     nf4_code_from_normal,

@@ -1,6 +1,6 @@
 """The report says only what was measured: every comparing sentence follows the numbers it compares."""
 
-from ministacks.report import boost_section, eval_finding, eval_section, forgetting_section, oracle_finding
+from ministacks.report.report import boost_section, eval_finding, eval_section, forgetting_section, oracle_finding
 
 DOMAINS = ["chat", "math"]
 
@@ -35,7 +35,7 @@ def test_boost_sentence_follows_the_rounds():
 
 
 def test_forgetting_sentence_counts_cells_both_here_and_in_the_paper():
-    from ministacks.continual import PAPER_FORGETTING
+    from ministacks.report.paper import PAPER_FORGETTING
 
     run = {"domains": DOMAINS, "matrix": [[1.0, None], [1.2, 0.9]]}
     f = {"domains": DOMAINS, "runs": {"without": run, "with": run}, "difference": [[0.0, None], [0.05, 0.0]],

@@ -5,14 +5,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from ministacks.model import ModelConfig, Transformer
-from ministacks.oracle import BASE, ComboLosses, all_combinations, exhaustive_best, find_targets, greedy_best
-from ministacks.router import (MetaRouter, RouterConfig, RouterData, prompt_features, router_loss, router_metrics,
+from ministacks.lm.model import ModelConfig, Transformer
+from ministacks.routing.oracle import BASE, ComboLosses, all_combinations, exhaustive_best, find_targets, greedy_best
+from ministacks.routing.router import (MetaRouter, RouterConfig, RouterData, prompt_features, router_loss, router_metrics,
                                routing_weights, train_router)
-from ministacks.routing import group_split
-from ministacks.stacks import add_stack, freeze_active, inject_stacks, make_adapter, set_domain_weights, stacked_layers
-from ministacks.tokenizer import Tokenizer
-from ministacks.train import ExampleSet, example_losses
+from ministacks.stages.route import group_split
+from ministacks.stacks.layer import StacksOn, add_stack, freeze_active, inject_stacks, make_adapter, set_stacks, stacked_layers
+from ministacks.lm.tokenizer import Tokenizer
+from ministacks.training.sft import ExampleSet, example_losses
 
 DOMAINS = ("chat", "code", "math", "medical", "reasoning")
 
@@ -288,23 +288,23 @@ def test_greedy_search_continues_its_pass_after_an_acceptance():
 
 def test_oracle_combinations_run_chat_at_its_inference_floor(floored):
     """Spec §6: every configuration the oracle evaluates has chat at max(w_chat, 0.2), as inference has."""
-    from ministacks.oracle import combo_weights
+    from ministacks.routing.oracle import combo_weights
 
     model, data = floored
     assert combo_weights(("math",), 0.2) == {"math": 1.0, "chat": 0.2}
     assert combo_weights(("chat", "math"), 0.2) == {"chat": 1.0, "math": 1.0}
     assert combo_weights(BASE, 0.2) == {} and combo_weights(("math",), None) == {"math": 1.0}
     floored_losses, plain = ComboLosses(model, data, chat_floor=0.2), ComboLosses(model, data)
-    set_domain_weights(model, {"code": 1.0, "chat": 0.2})
+    set_stacks(model, StacksOn.weighted({"code": 1.0, "chat": 0.2}))
     expect = example_losses(model, data)
-    set_domain_weights(model, None)
+    set_stacks(model, StacksOn.ungated())
     assert torch.allclose(floored_losses(("code",)), expect)
     assert not torch.allclose(plain(("code",)), expect, atol=1e-4)  # the flag that drops the floor
     assert torch.allclose(floored_losses(BASE), plain(BASE))  # the base runs no stack at all
 
 
 def test_route_uses_the_floor_unless_told_not_to():
-    from ministacks.oracle import oracle_floor
+    from ministacks.routing.oracle import oracle_floor
 
     assert oracle_floor(RouterConfig(), DOMAINS) == 0.2
     assert oracle_floor(RouterConfig(oracle_chat_floor=False), DOMAINS) is None
@@ -372,19 +372,17 @@ def floored(tiny):
 
 
 def test_feature_pass_leaves_frozen_stacks_in_eval_mode(tiny):
-    """The feature pass restores the model with train_mode, not model.train(): frozen stacks must never
-    come back in training mode (noisy routing) after it, while the model itself is back in training."""
-    from ministacks.stacks import train_mode
-
+    """The feature pass restores the model's training mode, and frozen stacks never come back in training
+    mode (noisy routing) after it: StackedLinear.train keeps them in eval mode."""
     model, _, tok = tiny
-    train_mode(model, True)
+    model.train(True)
     try:
         prompt_features(model, tok, ["the patient takes 5 mg"])
         assert model.training
         frozen = [a for layer in stacked_layers(model) for stack in layer.stacks.values() for a in stack]
         assert frozen and not any(a.training for a in frozen)
     finally:
-        train_mode(model, False)
+        model.train(False)
 
 
 def test_features_come_from_the_base_with_stacks_off(tiny):
@@ -402,7 +400,7 @@ def test_features_come_from_the_base_with_stacks_off(tiny):
     hs_on = model(torch.tensor([ids[0]]), output_hidden_states=True).hidden_states
     assert not torch.allclose(0.45 * hs_on[1] + 0.55 * hs_on[2], feats[0:1, : len(ids[0])], atol=1e-3)
     # and the model is left as it was: stacks on
-    assert all(not layer.base_only for layer in stacked_layers(model))
+    assert all(not layer.on.base for layer in stacked_layers(model))
 
 
 def test_combination_losses_match_running_each_combination(tiny):
@@ -416,12 +414,12 @@ def test_combination_losses_match_running_each_combination(tiny):
     losses = ComboLosses(model, data)
     base_data_losses = example_losses(base, ExampleSet(tok, exs, completion_only=True, max_len=256, batch_size=2))
     assert torch.allclose(losses(BASE), base_data_losses, atol=1e-5)
-    set_domain_weights(model, {"code": 1.0})
+    set_stacks(model, StacksOn.weighted({"code": 1.0}))
     only_code = example_losses(model, data)
-    set_domain_weights(model, None)
+    set_stacks(model, StacksOn.ungated())
     assert torch.allclose(losses(("code",)), only_code)
     assert not torch.allclose(losses(("code",)), losses(("code", "medical")))
-    assert all(layer.domain_weights is None and not layer.base_only for layer in stacked_layers(model))  # restored
+    assert all(layer.on == StacksOn.ungated() for layer in stacked_layers(model))  # restored
     # the batched per-example loss equals each example run on its own
     for i, ex in enumerate(exs):
         alone = example_losses(model, ExampleSet(tok, [ex], completion_only=True, max_len=256))
@@ -477,7 +475,7 @@ def test_router_config_in_every_preset_is_consistent():
 
 def test_combination_losses_refuse_examples_with_nothing_to_score(tiny):
     from ministacks.data import Example
-    from ministacks.routing import answerable
+    from ministacks.stages.route import answerable
 
     model, _, tok = tiny
     exs = [Example("code", "Add", "", "a + b", None, "t"), Example("code", "word " * 300, "", "x", None, "t")]

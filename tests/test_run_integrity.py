@@ -10,16 +10,15 @@ from dataclasses import asdict, replace
 import pytest
 
 from ministacks.data import general_corpus
-from ministacks.experiments import prepared_base
-from ministacks.inference import StackedRun
+from ministacks.run import load_run, prepared_base
 from ministacks.io import RunFileError
-from ministacks.pipeline import base_tokenizer
+from ministacks.stages.pretrain import base_tokenizer
 from ministacks.presets import SMOKE, with_vocab
-from ministacks.pretrain import BASE_RECORD_KEYS, PretrainConfig, load_base, pretrain
-from ministacks.router import MetaRouter, RouterConfig
-from ministacks.routing import load_router, save_router
-from ministacks.store import new_manifest, write_manifest
-from ministacks.tokenizer import Tokenizer
+from ministacks.lm.base import BASE_RECORD_KEYS, load_base
+from ministacks.lm.pretrain import PretrainConfig, pretrain
+from ministacks.routing.router import MetaRouter, RouterConfig, load_router, save_router
+from ministacks.stacks.store import new_manifest, write_manifest
+from ministacks.lm.tokenizer import Tokenizer
 
 from damage import flip_middle_byte, truncate
 
@@ -133,10 +132,10 @@ def test_stacks_of_another_tokenizer_are_refused_by_prepared_base(built, run, wh
 
 def test_stacks_of_another_tokenizer_are_refused_by_stacked_run(built, run):
     _write_run_manifest(run, run / "mine", built["tok"].fingerprint())
-    StackedRun(run / "mine", "smoke", router=False)  # the run's own tokenizer: loads
+    load_run(run / "mine", "smoke", router=False)  # the run's own tokenizer: loads
     _write_run_manifest(run, run / "mine", "0" * 16)
     with pytest.raises(RunFileError, match="do not belong together") as e:
-        StackedRun(run / "mine", "smoke", router=False)
+        load_run(run / "mine", "smoke", router=False)
     assert str(run / "mine" / "manifest.json") in str(e.value)
 
 

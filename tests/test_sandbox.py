@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from ministacks.sandbox import (
+from ministacks.evaluation.sandbox import (
     LAYERS_FALLBACK,
     LAYERS_ROOT,
     LAYERS_USERNS,

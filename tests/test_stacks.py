@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ministacks.lora import LoRA
-from ministacks.model import ModelConfig, Transformer
-from ministacks.moe_lora import MoELoRA
-from ministacks.stacks import (SKIP_THRESHOLD, StackedLinear, TARGET_MODULES, active_parameters, add_stack,
-                               freeze_active, inject_stacks, make_adapter, set_base_only, set_domain_weights,
-                               stacked_layers, train_mode)
+from ministacks.adapters.lora import LoRA
+from ministacks.lm.model import ModelConfig, Transformer
+from ministacks.adapters.moe_lora import MoELoRA
+from ministacks.stacks.layer import (SKIP_THRESHOLD, StackedLinear, TARGET_MODULES, active_parameters, add_stack,
+                               freeze_active, inject_stacks, make_adapter, StacksOn, set_stacks,
+                               stacked_layers, stacks_on)
 
 CFG = ModelConfig(vocab_size=97, n_layer=2, d_model=64, n_head=4, n_kv_head=2, max_seq_len=32)
 
@@ -33,7 +33,7 @@ def _stacked(domains=("chat", "code", "chat"), kinds=("moe", "lora", "moe")):
         add_stack(model, make_adapter(kind))
         _perturb_active(model)
         freeze_active(model, domain)
-    train_mode(model, False)
+    model.train(False)
     return model
 
 
@@ -56,7 +56,7 @@ def test_adding_a_stack_is_bitwise_identity(kind):
     inject_stacks(model)
     assert torch.equal(model(x).logits, ref)
     add_stack(model, make_adapter(kind))
-    train_mode(model, False)
+    model.train(False)
     assert torch.equal(model(x).logits, ref)
     freeze_active(model, "chat")
     assert torch.equal(model(x).logits, ref)
@@ -71,7 +71,7 @@ def test_only_the_active_stack_trains_and_frozen_never_change():
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert trainable == {id(p) for p in params}, "nothing but the active stack may be trainable"
     opt = torch.optim.AdamW(params, lr=1e-2)
-    train_mode(model, True)
+    model.train(True)
     x = torch.randint(0, 97, (2, 16))
     for _ in range(3):
         loss = model(x, labels=x).loss
@@ -93,16 +93,16 @@ def test_released_code_train_mode_frozen_stacks_flag():
     inject_stacks(model)
     add_stack(model, make_adapter("moe"))
     freeze_active(model, "chat", keep_train_mode=True)
-    train_mode(model, True)
+    model.train(True)
     assert all(a.training for layer in stacked_layers(model) for a in layer.stacks["chat"])
-    train_mode(model, False)
+    model.train(False)
     assert not any(a.training for layer in stacked_layers(model) for a in layer.stacks["chat"])
 
 
 @pytest.mark.parametrize("weights", [None, {"chat": 0.7, "code": 0.4}, {"chat": 1.0, "code": 0.05}])
 def test_fused_multi_stack_inference_equals_the_loop(weights):
     model = _stacked()
-    set_domain_weights(model, weights)
+    set_stacks(model, StacksOn.from_json(weights))
     x = torch.randint(0, 97, (3, 16))
     fused = model(x).logits
     for layer in stacked_layers(model):
@@ -124,18 +124,18 @@ def test_a_domain_at_or_below_threshold_costs_nothing_and_adds_nothing():
             adapter.register_forward_hook(lambda *a: calls.append(1))
         layer.use_fused = False  # the loop calls adapters as modules, so the hook sees every call
     x = torch.randint(0, 97, (2, 16))
-    set_domain_weights(model, {"chat": 1.0, "code": SKIP_THRESHOLD})
+    set_stacks(model, StacksOn.weighted({"chat": 1.0, "code": SKIP_THRESHOLD}))
     with_code_off = model(x).logits
     assert calls == []
-    set_domain_weights(model, {"chat": 1.0})
+    set_stacks(model, StacksOn.weighted({"chat": 1.0}))
     torch.testing.assert_close(with_code_off, model(x).logits, atol=0, rtol=0)
-    set_domain_weights(model, {"chat": 1.0, "code": 0.5})
+    set_stacks(model, StacksOn.weighted({"chat": 1.0, "code": 0.5}))
     assert not torch.allclose(model(x).logits, with_code_off)
     assert calls  # above the threshold the stack does run
     # fused path: the skipped domain's columns are not even in the concatenated matrices
     for layer in stacked_layers(model):
         layer.use_fused = True
-    set_domain_weights(model, {"chat": 1.0, "code": 0.1})
+    set_stacks(model, StacksOn.weighted({"chat": 1.0, "code": 0.1}))
     model(x)
     layer = next(stacked_layers(model))
     n_chat_cols = sum(a.n_experts * a.r for a in layer.stacks["chat"])
@@ -147,14 +147,16 @@ def test_a_domain_at_or_below_threshold_costs_nothing_and_adds_nothing():
 def test_ungated_weighted_and_base_only_switches():
     model = _stacked()
     x = torch.randint(0, 97, (2, 16))
-    set_base_only(model, True)
-    base = model(x).logits
-    set_base_only(model, False)
+    with stacks_on(model, StacksOn.base_only()):
+        base = model(x).logits
+    assert all(layer.on == StacksOn.ungated() for layer in stacked_layers(model))  # restored after the block
     ungated = model(x).logits
-    set_domain_weights(model, {"chat": 1.0, "code": 1.0})
+    set_stacks(model, StacksOn.weighted({"chat": 1.0, "code": 1.0}))
     torch.testing.assert_close(model(x).logits, ungated, atol=0, rtol=0)  # all weights 1 == ungated
-    set_domain_weights(model, {})
+    set_stacks(model, StacksOn.weighted({}))
     torch.testing.assert_close(model(x).logits, base, atol=0, rtol=0)  # no domain on == base
+    assert StacksOn.from_json({}) == StacksOn.base_only() and StacksOn.from_json(None) == StacksOn.ungated()
+    assert StacksOn.base_only().as_json() == {} and StacksOn.weighted({"chat": 0.5}).as_json() == {"chat": 0.5}
     assert not torch.allclose(base, ungated)
 
 
@@ -170,7 +172,7 @@ def test_stacks_on_a_hugging_face_llama_are_identity_until_trained():
     layers = inject_stacks(hf)
     assert len(layers) == 7 * 2
     add_stack(hf, make_adapter("moe"))
-    train_mode(hf, False)
+    hf.train(False)
     assert torch.equal(hf(x).logits, ref)
     _perturb_active(hf)
     assert not torch.allclose(hf(x).logits, ref)  # the stack really is in the forward path
@@ -216,7 +218,7 @@ def test_gradients_flow_through_frozen_stacks_to_earlier_layers(fused):
     model = _stacked()
     add_stack(model, make_adapter("moe"))
     _perturb_active(model, std=0.1)
-    train_mode(model, False)  # no routing noise: both forms must compute the same function
+    model.train(False)  # no routing noise: both forms must compute the same function
     for layer in stacked_layers(model):
         layer.use_fused = fused
     x = torch.randint(0, 97, (2, 16))

@@ -7,11 +7,10 @@ import json
 import pytest
 import torch
 
-import ministacks.store as store
-from ministacks.model import ModelConfig, Transformer
-from ministacks.stacks import (AdapterConfig, add_stack, freeze_active, inject_stacks, make_adapter, stacked_layers,
-                               train_mode)
-from ministacks.store import (ForeignBaseError, StackFileError, base_fingerprint, load_all_stacks, load_stack,
+import ministacks.stacks.store as store
+from ministacks.lm.model import ModelConfig, Transformer
+from ministacks.stacks.layer import (AdapterConfig, add_stack, freeze_active, inject_stacks, make_adapter, stacked_layers)
+from ministacks.stacks.store import (ForeignBaseError, StackFileError, base_fingerprint, load_all_stacks, load_stack,
                               new_manifest, read_manifest, record_checksum, save_stack, stack_paths, write_manifest)
 
 from damage import flip_middle_byte, truncate
@@ -40,7 +39,7 @@ def _x():
 
 
 def _logits(model):
-    train_mode(model, False)
+    model.train(False)
     with torch.no_grad():
         return model(_x()).logits
 
@@ -75,7 +74,7 @@ def test_save_load_round_trip_is_bitwise(tmp_path):
             assert [type(a) for a in layer.stacks[domain]] == [type(a) for a in ref.stacks[domain]]
             for a in layer.stacks[domain]:
                 assert not a.training and all(not p.requires_grad for p in a.parameters())
-    train_mode(fresh, True)  # frozen stacks stay in eval mode while a new stack trains
+    fresh.train(True)  # frozen stacks stay in eval mode while a new stack trains
     assert all(not a.training for layer in stacked_layers(fresh) for s in layer.stacks.values() for a in s)
 
     record = json.loads(stack_paths(tmp_path, "chat", 2)[1].read_text())
@@ -100,7 +99,7 @@ def test_keep_train_mode_survives_the_round_trip(tmp_path):
     save_stack(tmp_path, model, "chat", 1, "moe", AdapterConfig(), meta={})
     fresh = _base()
     load_stack(tmp_path, fresh, "chat", 1)
-    train_mode(fresh, True)
+    fresh.train(True)
     assert all(layer.stacks["chat"][0].training for layer in stacked_layers(fresh))
 
 

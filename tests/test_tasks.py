@@ -8,8 +8,8 @@ import time
 import pytest
 
 from ministacks.data import DataConfig, Example, load_split
-from ministacks.sandbox import MAX_FILE_BYTES
-from ministacks.tasks import (
+from ministacks.evaluation.sandbox import MAX_FILE_BYTES
+from ministacks.evaluation.tasks import (
     CHECKS,
     DEFINITION_F1_THRESHOLD,
     check_code_format,

@@ -3,9 +3,9 @@
 import pytest
 
 from ministacks.data import DOMAINS, load_split
-from ministacks.pipeline import base_tokenizer
+from ministacks.stages.pretrain import base_tokenizer
 from ministacks.presets import SMOKE
-from ministacks.tokenizer import BOS, EOS, PAD, Tokenizer, train_or_load_tokenizer
+from ministacks.lm.tokenizer import BOS, EOS, PAD, Tokenizer, train_or_load_tokenizer
 
 
 @pytest.fixture(scope="module")

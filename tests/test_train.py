@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from ministacks.data import load_split
-from ministacks.model import ModelConfig, Transformer
-from ministacks.pipeline import base_tokenizer
+from ministacks.lm.model import ModelConfig, Transformer
+from ministacks.stages.pretrain import base_tokenizer
 from ministacks.presets import SMOKE
-from ministacks.stacks import add_stack, freeze_active, inject_stacks, make_adapter, stacked_layers
-from ministacks.train import (IGNORE, STACKS_PER_SEED, BoostConfig, CheckpointMismatchError, ExampleSet,
+from ministacks.stacks.layer import add_stack, freeze_active, inject_stacks, make_adapter, stacked_layers
+from ministacks.training.sft import (IGNORE, STACKS_PER_SEED, BoostConfig, CheckpointMismatchError, ExampleSet,
                               PackedExamples, StackTrainConfig, boost_domain, encode_example, example_loss,
                               stack_seed, train_round)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ministacks.io import atomic_write_json, read_json
+from ..io import atomic_write_json, read_json
 
 from .example import DOMAINS, DataConfig, Example, derived_rng
 from .splits import domain_stats, ensure_domain, load_domain_splits, read_jsonl, recipe_dir, write_jsonl

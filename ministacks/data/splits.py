@@ -20,7 +20,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from ministacks.io import atomic_write_json, atomic_write_text, cache_dir, read_json
+from ..io import atomic_write_json, atomic_write_text, cache_dir, read_json
 
 from . import chat, code, math, medical, reasoning
 from .example import SPLITS, DataConfig, Example, check_domain, check_split, derived_rng

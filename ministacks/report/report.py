@@ -1,0 +1,324 @@
+"""`report.md`: what a run did, in numbers, figures and samples. Each stage contributes a section.
+
+Every sentence that compares or concludes is built from the numbers it compares (`_compare` and the
+counts below): a finding the run did not measure is never printed, and the paper's figure stands beside
+ours, whichever way the comparison goes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..io import atomic_write_text
+from ..lm.model import PROJECTION_NAMES
+from ..evaluation.tasks import wilson_interval
+
+
+def _compare(ours: float, theirs: float, lower: str, higher: str) -> str:
+    """The word for how `ours` stands to `theirs`: `lower`, `higher`, or "equal to"."""
+    return "equal to" if ours == theirs else lower if ours < theirs else higher
+
+
+def _fence(text: str) -> str:
+    # a completion may contain backticks; a longer fence keeps the markdown intact
+    return "````text\n" + text.rstrip() + "\n````"
+
+
+def data_section(stats: dict) -> str:
+    rows = ["| domain | train | val | test | chars |", "|---|---:|---:|---:|---:|"]
+    for domain, s in stats.items():
+        if isinstance(s, dict) and "train" in s:
+            rows.append(f"| {domain} | {s['train']:,} | {s['val']:,} | {s['test']:,} | {s.get('chars', 0):,} |")
+    general = stats.get("general", {})
+    lines = ["## Data", "", *rows, ""]
+    if general:
+        lines.append(f"General pretraining corpus: {general.get('docs', 0):,} documents, {general.get('chars', 0):,} "
+                     "characters, from training examples only (no validation or test example of any domain).")
+    return "\n".join(lines) + "\n"
+
+
+def pretrain_section(s: dict) -> str:
+    gap = s["unigram_entropy"] - s["val_loss"]
+    lines = [
+        "## Pretraining from random initialisation",
+        "",
+        f"- model: {s['params']:,} parameters, vocabulary {s['vocab_size']:,} "
+        f"({s['config']['model']['n_layer']} layers, d={s['config']['model']['d_model']})",
+        f"- tokens seen: {s['tokens_seen']:,} at {s['tokens_per_second']:,.0f} tokens/s ({s['train_seconds']:.0f} s of training)",
+        f"- **validation loss {s['val_loss']:.3f} nats/token** vs the corpus's unigram entropy "
+        f"{s['unigram_entropy']:.3f} (a model that ignores context): {gap:+.3f} nats learned from context",
+        "",
+        "![pretraining loss](pretrain_loss.png)",
+        "",
+        "Tokenizer: characters per token on each domain's validation text — "
+        + ", ".join(f"{d} {v:.2f}" for d, v in s["tokenizer"]["chars_per_token"].items()),
+        "",
+        "### Greedy samples per domain (held-out prompts; repetition penalty 1.2)",
+        "",
+    ]
+    for domain, items in s["samples"].items():
+        for item in items:
+            lines += [f"**{domain}** — prompt, then the base model's continuation:", "", _fence(item["prompt"]),
+                      "", _fence(item["completion"]), ""]
+    return "\n".join(lines)
+
+
+def write_report(out: str | Path, sections: list[str], title: str) -> Path:
+    path = Path(out) / "report.md"
+    atomic_write_text(path, f"# {title}\n\n" + "\n".join(sections))
+    return path
+
+
+def compare_section(c: dict) -> str:
+    p = c["paper"]
+    moe, lora = c["moe"], c["lora"]
+    ahead = sum(1 for (s, m), (_, l) in zip(moe["val_curve"][1:], lora["val_curve"][1:]) if m < l)
+    n = len(moe["val_curve"]) - 1
+    return "\n".join([
+        "## Experiment 1 — MoE-LoRA vs the parameter-matched single LoRA",
+        "",
+        f"Domain `{c['domain']}`, base `{c['quant']}`, same steps, learning rate, data order and seed.",
+        "",
+        "| | MoE-LoRA 4 × r16, top-2 | single LoRA r64 | paper MoE-LoRA | paper LoRA |",
+        "|---|---:|---:|---:|---:|",
+        f"| parameters | {moe['params']:,} | {lora['params']:,} | {p['params']['moe'] / 1e6:.1f}M | {p['params']['lora'] / 1e6:.1f}M |",
+        f"| final validation loss | {moe['final']:.4f} | {lora['final']:.4f} | {p['moe'][-1]:.4f} | {p['lora'][-1]:.4f} |",
+        f"| seconds per step | {moe['seconds_per_step']:.3f} | {lora['seconds_per_step']:.3f} | "
+        f"{p['minutes']['moe'] * 60 / 400:.2f} | {p['minutes']['lora'] * 60 / 400:.2f} |",
+        "",
+        f"MoE-LoRA step time is **{c['speed_ratio_moe_over_lora']:.2f}×** the single LoRA's (paper: 2.1×). "
+        f"MoE-LoRA is ahead at {ahead} of {n} checkpoints (paper: 8 of 8).",
+        "",
+        "![MoE-LoRA vs LoRA](compare.png)",
+        "",
+    ])
+
+
+def boost_section(b: dict) -> str:
+    rows = ["| round | loss before | best | gain | stopped by |", "|---:|---:|---:|---:|---|"]
+    for i, r in enumerate(b["rounds"]):
+        rows.append(f"| {i + 1} | {r['pre_loss']:.4f} | {r['best_loss']:.4f} | {r['pre_loss'] - r['best_loss']:+.4f} "
+                    f"| {r['stop_reason']} (step {r['best_step']} best of {r['steps_run']}) |")
+    best = [r["best_loss"] for r in b["rounds"]]
+    if len(best) > 1:
+        finding = (f"Round 2's best ({best[1]:.4f}) is {_compare(best[1], best[0], 'below', 'above')} round 1's "
+                   f"({best[0]:.4f}), a change of {best[1] - best[0]:+.4f}.")
+    else:
+        finding = "Only one round ran, so there is no round 2 to compare with round 1."
+    return "\n".join([
+        f"## Residual boosting on {b['domain']}",
+        "",
+        f"Each round adds a fresh stack over the frozen ones; the loop stops when a round after the first gains "
+        f"less than {b['min_improvement']}. {len(b['rounds'])} round(s) ran. {finding} Paper (TinyLlama, chat): "
+        f"{b['paper']['note']}, best {b['paper']['round2_best']}.",
+        "",
+        *rows,
+        "",
+        "![residual boosting](boost.png)",
+        "",
+    ])
+
+
+def _matrix_table(domains: list[str], matrix: list[list]) -> list[str]:
+    rows = ["| after \\ on | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
+    for d, row in zip(domains, matrix):
+        rows.append(f"| {d} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in row) + " |")
+    return rows
+
+
+def _off_diagonal(matrix: list[list]) -> list[float]:
+    """The entries below the diagonal: an earlier domain's loss after a later domain was trained."""
+    return [v for i, row in enumerate(matrix) for j, v in enumerate(row) if j < i and v is not None]
+
+
+def capacity_lines(by_projection: dict) -> list[str]:
+    """Per domain and projection type (q_proj, k_proj, ...): the largest protected share over layers, and
+    where the ns_max_share cap bound (fewer directions kept per earlier domain than asked)."""
+    if not by_projection:
+        return []
+    rows = ["", "| protected share | " + " | ".join(PROJECTION_NAMES) + " |", "|---|" + "---:|" * len(PROJECTION_NAMES)]
+    capped = []
+    for domain, layers in by_projection.items():
+        cells = []
+        for proj in PROJECTION_NAMES:
+            entries = [e for name, e in layers.items() if name.endswith(proj)]
+            if not entries:
+                cells.append("–")
+                continue
+            worst = max(entries, key=lambda e: e["share"])
+            cells.append(f"{worst['share']:.0%}" + (" (capped)" if any(e["capped"] for e in entries) else ""))
+            if any(e["capped"] for e in entries):
+                capped.append(f"{domain} {proj}: {worst['asked']} of {worst['d_out']} asked, {worst['protected']} "
+                              f"protected ({worst['k_per_domain']} per earlier domain)")
+        rows.append(f"| {domain} | " + " | ".join(cells) + " |")
+    rows.append("")
+    rows.append("The capacity cap bound on " + "; ".join(capped) + "." if capped else
+                "The capacity cap did not bind on any projection.")
+    return rows
+
+
+def forgetting_section(f: dict) -> str:
+    lines = ["## Continual domains and null-space projection", "",
+             "Validation loss of every domain seen so far, all stacks on (ungated), after training each domain "
+             "in curriculum order (one loss definition everywhere).", ""]
+    for name, run in f["runs"].items():
+        lines += [f"**{name}**", "", *_matrix_table(run["domains"], run["matrix"]), ""]
+    p = f["paper"]
+    if "difference" in f:
+        ours = _off_diagonal(f["difference"])
+        paper = _off_diagonal([[None if x is None or y is None else y - x for x, y in zip(a, b)]
+                               for a, b in zip(p["without null-space"], p["with null-space"])])
+        lines += ["**with − without** (negative: null-space helped)", "",
+                  *_matrix_table(f["domains"], f["difference"]), "",
+                  f"Null-space projection lowered {sum(v < 0 for v in ours)} of the {len(ours)} cross-domain "
+                  f"(off-diagonal) losses here; in the paper it lowered {sum(v < 0 for v in paper)} of {len(paper)}.", ""]
+    lines += ["The paper's numbers (TinyLlama, its curriculum chat → code → medical → math; without → with null-space):",
+              "", "| after \\ on | " + " | ".join(p["domains"]) + " |", "|---|" + "---:|" * len(p["domains"])]
+    for d, a, b in zip(p["domains"], p["without null-space"], p["with null-space"]):
+        cells = ["–" if x is None else f"{x:.3f} → {y:.3f}" for x, y in zip(a, b)]
+        lines.append(f"| {d} | " + " | ".join(cells) + " |")
+    if f.get("capacity"):
+        lines += ["", "Directions protected while training each domain, as a share of a projection's outputs "
+                  "(mean over projections; the paper's capacity argument: each domain claims 64 of 3840 on Gemma): "
+                  + ", ".join(f"{d} {v:.1%}" for d, v in f["capacity"].items()) + "."]
+        lines += capacity_lines(f.get("capacity_by_projection", {}))
+    lines += ["", "![forgetting matrices](forgetting.png)", "",
+              "Principal output subspaces of each domain's stacks: cross-domain similarity, singular-value spectra, "
+              "and how orthogonal later stacks are to the directions they were kept out of:", "",
+              "![subspaces](subspaces.png)", ""]
+    return "\n".join(lines)
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{v:.0%}"
+
+
+def _shares_row(o: dict) -> str:
+    return ", ".join(f"{c} {v:.0%}" for c, v in list(o["shares"].items())[:5])
+
+
+def oracle_finding(r: dict) -> str:
+    """The paper's medical finding beside ours, in a sentence built from both numbers."""
+    paper = r["paper"]["oracle"]["medical"]
+    paper_combo, paper_share = max(paper.items(), key=lambda kv: kv[1])
+    o = r["oracle"].get("medical")
+    if not o or not o["n"]:
+        return f"The paper found medical prompts best served by {paper_combo} in {paper_share:.0%} of cases; this run has no medical prompts to compare."
+    ours_combo, ours_share = next(iter(o["shares"].items()))
+    same = o["shares"].get(paper_combo, 0.0)
+    verdict = "the same winner" if ours_combo == paper_combo else "a different winner"
+    return (f"The paper found medical prompts best served by {paper_combo} in {paper_share:.0%} of cases (32 of 33). "
+            f"Here the most frequent winner on the {o['n']} medical prompts is {ours_combo} ({ours_share:.0%}), "
+            f"{verdict}; {paper_combo} won {same:.0%}.")
+
+
+def router_section(r: dict, figure: str) -> str:
+    """The router's scores, the oracle's winning combinations per domain (beside the paper's finding),
+    and the routes the trained router takes. `figure`: router.png's path relative to the report."""
+    n = r["n_prompts"]
+    floor = r.get("oracle_chat_floor")
+    lines = ["## Meta-router: which stacks a prompt needs", "",
+             f"Trained on {n['single']} single-domain prompts (targets from the oracle's outcomes) and {n['mixed']} "
+             f"mixed-domain prompts (multi-hot labels: {', '.join(r['mixed_kinds'])}); {n['train']} train / "
+             f"{n['val']} held-out, split by prompt groups. {r['params']:,} parameters, {r['search']} target search.",
+             "",
+             f"- against the targets it learns from: **single-domain top-1 {r['single_top1']:.1%}**, **mixed set match "
+             f"{r['mixed_set_match']:.1%}**, val BCE {r['val_bce']:.3f} (epoch {r['best_epoch']} kept by "
+             "0.50·top-1 + 0.35·mixed − 0.15·BCE)",
+             f"- against the prompts' domain labels: top-1 {r['label_top1']:.1%}, set match {r['label_set_match']:.1%}",
+             "",
+             "**The oracle's best combination of stacks**, share of each domain's prompts (the base alone = `base`"
+             + (f"; every combination runs chat at ≥ {floor}, as inference does" if floor else "") + "). "
+             + oracle_finding(r), ""]
+    searches = r.get("oracle_by_search", {})
+    header = " | ".join(f"{s} search" for s in searches) or "winning combinations"
+    lines += [f"| prompts | n | {header} |", "|---|---:|" + "---|" * max(1, len(searches))]
+    for d, o in r["oracle"].items():
+        cells = [_shares_row(searches[s][d]) for s in searches] or [_shares_row(o)]
+        lines.append(f"| {d} | {o['n']} | " + " | ".join(cells) + " |")
+    lines += ["", "**What the router switches on** for held-out prompts (inference rule: chat ≥ 0.2, p ≤ 0.12 off):", "",
+              "| prompts | n | switched-on stacks |", "|---|---:|---|"]
+    for d, o in r["routes"].items():
+        lines.append(f"| {d} | {o['n']} | " + _shares_row(o) + " |")
+    lines += ["", f"![router]({figure})", ""]
+    return "\n".join(lines)
+
+
+def _accuracy_cell(x: dict) -> str:
+    """"12% [8–17%] of 164" — the share, its 95% Wilson interval and n; "–" when nothing was checked."""
+    acc, n = x.get("accuracy"), x.get("n_generated", 0)
+    if acc is None or not n:
+        return "–"
+    low, high = wilson_interval(round(acc * n), n)
+    return f"{acc:.0%} [{low:.0%}–{high:.0%}] of {n}"
+
+
+def eval_table(e: dict) -> list[str]:
+    """Test loss and task accuracy per domain in each mode (code: HumanEval pass@1), as markdown table rows."""
+    modes = e["modes"]
+    rows = ["| domain | " + " | ".join(f"loss {m}" for m in modes) + " | " + " | ".join(f"acc {m}" for m in modes) + " |",
+            "|---|" + "---:|" * (2 * len(modes))]
+    for d in e["domains"]:
+        res = [e["results"].get(f"{m}/{d}", {}) for m in modes]
+        losses = [f"{x['loss']:.3f}" if "loss" in x else "–" for x in res]
+        rows.append(f"| {d} | " + " | ".join(losses) + " | " + " | ".join(_accuracy_cell(x) for x in res) + " |")
+    return rows
+
+
+def code_lines(e: dict) -> str:
+    """How many HumanEval problems fit the context, and the stdlib format check named as what it is."""
+    cells = [(m, e["results"].get(f"{m}/code", {})) for m in e["modes"]]
+    lines = []
+    he = [(m, x["humaneval"]) for m, x in cells if x.get("humaneval")]
+    if he:
+        lines.append("HumanEval problems whose prompt fits the context (asked): "
+                     + ", ".join(f"{m} {h['n_fit']} of {h['n']}" for m, h in he) + ".")
+    checked = [(m, x) for m, x in cells if x.get("format_ok") is not None]
+    if checked:
+        lines.append("Code, stdlib test split, **format check only** (the answer parses and defines the requested "
+                     "name and parameters; it is never called, so `return 42` passes): "
+                     + ", ".join(f"{m} {x['format_ok']:.0%} of {x['n_format_checked']}" for m, x in checked) + ".")
+    return " ".join(lines)
+
+
+def eval_finding(e: dict) -> str:
+    """How routed mode's test loss stands to base and ungated, domain by domain, counted from eval.json."""
+    rows = [(d, e["results"].get(f"base/{d}", {}).get("loss"), e["results"].get(f"ungated/{d}", {}).get("loss"),
+             e["results"].get(f"routed/{d}", {}).get("loss")) for d in e["domains"]]
+    rows = [r for r in rows if None not in r]
+    if not rows:
+        return "No domain was evaluated in all three modes."
+    below_base = [d for d, b, u, r in rows if r < b]
+    below_ungated = [d for d, b, u, r in rows if r < u]
+    return (f"Routed test loss is below the base's on {len(below_base)} of {len(rows)} domains"
+            + (f" ({', '.join(below_base)})" if below_base else "")
+            + f" and below ungated's on {len(below_ungated)} of {len(rows)}"
+            + (f" ({', '.join(below_ungated)})" if below_ungated else "") + ".")
+
+
+def eval_section(e: dict, figure: str) -> str:
+    n_gen = e["config"]["n_generate"]
+    lines = ["## Base, ungated and routed (the paper's Table 4 and §5.3)", "",
+             f"Test split of each domain: loss over {e['config']['n_loss']} examples; accuracy of greedy answers to "
+             f"the first {n_gen} (math: the `####` number; reasoning: the final answer; medical: the ICD code, or "
+             "word-overlap F1 ≥ 0.5 with a definition; chat: nothing checkable). Code: HumanEval pass@1 — greedy "
+             "answers run against each problem's unit tests in the sandbox; a problem whose prompt does not fit in "
+             "the context counts as failed. Each accuracy is shown with its 95% Wilson interval and n.", "",
+             *eval_table(e), "", code_lines(e), ""]
+    if e.get("routes"):
+        lines += ["Mean routed weight per domain's test prompts:", "",
+                  "| prompts | " + " | ".join(e["domains"]) + " |", "|---|" + "---:|" * len(e["domains"])]
+        for d, r in e["routes"].items():
+            lines.append(f"| {d} | " + " | ".join(f"{r['mean_weight'][x]:.2f}" for x in e["domains"]) + " |")
+        lines.append("")
+    lines += [eval_finding(e), "",
+              "The paper's Table 4 (Gemma 3 12B, zero-shot benchmarks, base → routed), for scale; it is not measured "
+              "here: " + ", ".join(f"{k} {a:.3f} → {b:.3f}" for k, (a, b) in e["paper_table4"].items())
+              + f" (routed above base on {sum(b > a for a, b in e['paper_table4'].values())} of "
+              f"{len(e['paper_table4'])}).", "",
+              f"![evaluation]({figure})", "", "### The same prompts in the three modes", ""]
+    for s in e["samples"]:
+        lines += [f"**{s['label']}**", "", _fence(s["prompt"]), ""]
+        for mode, a in s["answers"].items():
+            lines += [f"*{mode}* ({a['weights']}):", "", _fence(a["completion"] or "(empty)"), ""]
+    return "\n".join(lines)

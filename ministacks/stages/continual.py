@@ -1,0 +1,176 @@
+"""`train`: the continual run — every domain in curriculum order on one base — and what it shows.
+
+    1. base        pretrained first if OUT has none (stages/pretrain.py), quantized as the preset says
+    2. manifest    RUN/manifest.json: created with the whole Preset, or, resuming, checked against it
+    3. stacks      the ones already trained, loaded and checked (a damaged one names its repair)
+    4. loop        training/continual.py's train_domains: null-space basis, boosting rounds, forgetting row
+    5. analysis    the stacks' output subspaces: cross-domain similarity, spectra, orthogonality
+    -> forgetting.json / .png, subspaces.png (and RUN/forgetting.json per run)
+
+With `compare_nullspace` (the demo) it trains two runs on the same base, OUT/no_nullspace and
+OUT/nullspace, and puts their forgetting matrices and the difference side by side: the paper's
+ablation of null-space projection (docs/brainstacks.md §5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ..io import atomic_write_json, load_tensors
+from ..presets import Preset, preset_record
+from ..report.paper import PAPER_FORGETTING
+from ..report.plots import plot_forgetting, plot_subspaces
+from ..run import prepared_base
+from ..stacks.store import load_all_stacks, new_manifest, read_manifest, write_manifest
+from ..training.continual import check_domains, train_domains
+from ..training.nullspace import domain_bases, orthogonality_by_projection, singular_spectra, subspace_similarity
+from .common import add_preset_args, add_quant_arg, domain_data, domain_val, preset_of, writable_folder
+from .pretrain import ensure_base
+
+HELP = "continual domains in curriculum order, with null-space projection"
+
+# The parts of the recorded Preset a resumed run must share with the one that started it: what the
+# stacks already trained depend on. The router's and the evaluation's settings may change in between.
+RESUME_KEYS = ("continual", "stack", "adapter", "boost", "quant", "data")
+
+
+def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None, progress: bool = True) -> dict:
+    """Train every domain of `preset.continual` in order on the base in `out`; stacks and manifest in `run`
+    (default: `out`). Returns the manifest (with the forgetting matrix)."""
+    out = Path(out)
+    run = Path(run) if run is not None else out
+    cc = preset.continual
+    check_domains(cc.domains)
+    if cc.steps is not None:  # the continual run's own steps per round
+        preset = replace(preset, stack=replace(preset.stack, steps=cc.steps))
+    ensure_base(preset, out, progress)
+    model, tok = prepared_base(preset, out)
+    config = preset_record(preset)  # the whole Preset: route and eval read the run's settings from here
+    manifest = read_manifest(run)
+    if manifest is None:
+        manifest = new_manifest(model, tok, list(cc.domains), config)
+        manifest["done"] = []
+        write_manifest(run, manifest)
+    elif any(manifest["config"].get(k) != config[k] for k in RESUME_KEYS):
+        raise ValueError(f"{run} holds a run with a different configuration; use another --out, or delete it")
+    load_all_stacks(run, model, manifest, strict=True)  # a damaged stack: DamagedStacksError, with the repair
+
+    data = {d: domain_data(preset, tok, d, preset.stack) for d in cc.domains}  # (PackedExamples, ExampleSet)
+    ns_cfg = replace(preset.stack, max_val_examples=cc.ns_examples)  # the directions' own example count
+    ns_data = {d: domain_val(preset, tok, d, ns_cfg) for d in cc.domains} if cc.nullspace else {}
+    manifest = train_domains(model, run, manifest, data, ns_data, cc, preset.stack, preset.adapter, preset.boost,
+                             progress=progress)
+    atomic_write_json(run / "forgetting.json", manifest["forgetting"])
+    return manifest
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(1, len(values))
+
+
+# -- what the figures show (the paper's Figures 8–10) ------------------------------------------------
+
+
+def subspace_analysis(preset: Preset, out: str | Path, run: str | Path | None = None) -> dict:
+    """Cross-domain similarity of the stacks' principal output subspaces, their singular-value spectra,
+    and how orthogonal each later domain's stacks are to the directions they were kept out of."""
+    out = Path(out)
+    run = Path(run) if run is not None else out
+    manifest = read_manifest(run)
+    if manifest is None:
+        raise FileNotFoundError(f"no trained run in {run}: run `python -m ministacks train --out {run}` first")
+    model, tok = prepared_base(preset, out)
+    load_all_stacks(run, model, manifest, strict=True)
+    domains = [d for d in manifest["domains"] if d in manifest.get("done", [])]
+    cc = preset.continual
+    ns_cfg = replace(preset.stack, max_val_examples=cc.ns_examples)
+    data = {d: domain_val(preset, tok, d, ns_cfg) for d in domains}
+    bases = domain_bases(model, data, cc.ns_k)
+    spectra = {d: singular_spectra(model, data[d], [d], k=cc.ns_k) for d in domains}
+    orth: dict[str, list[float]] = {}
+    for d in domains[1:]:
+        path = run / "bases" / f"{d}.safetensors"
+        if path.is_file():
+            for proj, v in orthogonality_by_projection(model, load_tensors(path), data[d], domain=d)["by_projection"].items():
+                orth.setdefault(proj, []).append(v)
+    return {
+        "domains": domains,
+        "similarity": subspace_similarity(bases).tolist(),
+        "spectra": {d: torch.stack(list(s.values())).mean(0).tolist() for d, s in spectra.items()},
+        "orthogonality": {p: _mean(v) for p, v in orth.items()},
+    }
+
+
+def train_stage(preset: Preset, out: str | Path, compare_nullspace: bool = False, progress: bool = True) -> dict:
+    """`train`: the continual run (or, with `compare_nullspace`, one run without and one with null-space
+    projection, in out/no_nullspace and out/nullspace), then forgetting.json / .png and subspaces.json / .png."""
+    out = Path(out)
+    cc = preset.continual
+    if compare_nullspace:
+        runs, capacity, capacity_by_proj = {}, {}, {}
+        for name, ns in (("without null-space", False), ("with null-space", True)):
+            folder = out / ("nullspace" if ns else "no_nullspace")
+            manifest = run_continual(replace(preset, continual=replace(cc, nullspace=ns)), out, folder, progress)
+            runs[name] = manifest["forgetting"]
+            capacity.update(manifest.get("capacity", {}))
+            capacity_by_proj.update(manifest.get("capacity_by_projection", {}))
+        a, b = runs.values()
+        diff = [[None if x is None or y is None else y - x for x, y in zip(ra, rb)]
+                for ra, rb in zip(a["matrix"], b["matrix"])]
+        # "matrix" is the null-space run's; both runs and their difference beside it
+        result = {"domains": a["domains"], "matrix": b["matrix"], "runs": runs, "difference": diff}
+        analysis_run = out / "nullspace"
+    else:
+        name = "with null-space" if cc.nullspace else "without null-space"
+        manifest = run_continual(preset, out, out, progress)
+        forgetting, capacity = manifest["forgetting"], manifest.get("capacity", {})
+        capacity_by_proj = manifest.get("capacity_by_projection", {})
+        result = {"domains": forgetting["domains"], "matrix": forgetting["matrix"], "runs": {name: forgetting}}
+        analysis_run = out
+    result["capacity"] = capacity  # per domain: protected directions as a share of d_out, mean over projections
+    # per domain, per projection: {"protected", "d_out", "share", "asked", "k_per_domain", "capped"} (nullspace.py)
+    result["capacity_by_projection"] = capacity_by_proj
+    result["analysis"] = subspace_analysis(preset, out, analysis_run)
+    result["paper"] = PAPER_FORGETTING
+    atomic_write_json(out / "forgetting.json", result)
+    plot_forgetting(result["runs"], out / "forgetting.png")
+    a = result["analysis"]
+    plot_subspaces(a["similarity"], a["domains"], a["spectra"], a["orthogonality"], out / "subspaces.png")
+    return result
+
+
+def add_args(p) -> None:
+    add_preset_args(p, "runs/demo")
+    p.add_argument("--domains", help="comma-separated, in training order (default: chat,code,math,medical,reasoning)")
+    p.add_argument("--no-nullspace", action="store_true", help="train without null-space projection")
+    p.add_argument("--compare-nullspace", action="store_true",
+                   help="train twice, with and without null-space, into DIR/nullspace and DIR/no_nullspace")
+    p.add_argument("--ns-mode", choices=["strict", "reference"], default="strict",
+                   help="strict (default): also project every expert's B after each step, so stored stacks are "
+                        "orthogonal; reference: the released code (training-time projection only, leaks)")
+    p.add_argument("--ns-basis", choices=["per_domain", "sum"], default="per_domain",
+                   help="per_domain (paper): K directions per earlier domain; sum (released code): K of the sum")
+    p.add_argument("--ns-data", choices=["previous", "new"], default="previous",
+                   help="previous (paper): earlier domains' validation examples; new (released code): the new domain's")
+    add_quant_arg(p, None, "base precision (default: the preset's)")
+
+
+def main(args) -> int:
+    writable_folder(args.out)
+    preset = preset_of(args)
+    cc = preset.continual
+    if args.domains:
+        cc = replace(cc, domains=tuple(d.strip() for d in args.domains.split(",") if d.strip()))
+    cc = replace(cc, nullspace=not args.no_nullspace, ns_mode=args.ns_mode, ns_basis=args.ns_basis, ns_data=args.ns_data)
+    result = train_stage(replace(preset, continual=cc), args.out, args.compare_nullspace, progress=not args.no_progress)
+    for name, f in result["runs"].items():
+        print(f"forgetting matrix, {name} (rows: after training; columns: {', '.join(f['domains'])}):")
+        for d, row in zip(f["domains"], f["matrix"]):
+            print(f"  after {d:10s} " + "  ".join("   -  " if v is None else f"{v:6.3f}" for v in row))
+    out = Path(args.out)
+    print(f"wrote {out / 'forgetting.json'}, {out / 'forgetting.png'}, {out / 'subspaces.png'}")
+    return 0

@@ -1,0 +1,57 @@
+"""`demo`: every stage in order on the embedded default data, then OUT/report.md.
+
+    pretrain -> compare (Exp 1, on the 4-bit base) -> boost -> train twice (without and with null-space)
+             -> route and eval on the null-space run -> report.md
+
+Each stage resumes from what the folder already holds, so running the demo again after a kill (or
+after it finished) redoes nothing that is done. The same Preset goes to every stage: a modified
+preset reaches the router and the evaluation too.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from ..presets import get_preset
+from ..report.report import (boost_section, compare_section, data_section, eval_section, forgetting_section,
+                             pretrain_section, router_section, write_report)
+from .boost import run_boost
+from .common import add_preset_args, writable_folder
+from .compare import run_compare
+from .continual import train_stage
+from .evaluate import eval_stage
+from .pretrain import stage_pretrain
+from .route import route_stage
+
+HELP = "run every stage on the default data and write report.md"
+
+
+def add_args(p) -> None:
+    add_preset_args(p, "runs/demo")
+
+
+def main(args) -> int:
+    preset, out, progress = get_preset(args.preset), writable_folder(args.out), not args.no_progress
+    t0 = time.time()
+    summary = stage_pretrain(preset, out, progress=progress)
+    compare = run_compare(replace(preset, quant="nf4"), out, progress=progress)  # Exp 1 is on the 4-bit base
+    boost = run_boost(preset, out, progress=progress)
+    forgetting = train_stage(preset, out, compare_nullspace=True, progress=progress)
+    run = out / "nullspace"  # the router and the evaluation work on the run with null-space projection
+    router = route_stage(run, preset, progress=progress)
+    evaluation = eval_stage(run, preset, progress=progress)
+    sections = [
+        f"Preset `{preset.name}`; run folder `{out}`; {time.time() - t0:.0f} s for this invocation.\n",
+        data_section(summary["data"]),
+        pretrain_section(summary),
+        compare_section(compare),
+        boost_section(boost),
+        forgetting_section(forgetting),
+        router_section(router, f"{run.name}/router.png"),
+        eval_section(evaluation, f"{run.name}/eval.png"),
+    ]
+    path = write_report(out, sections, title="ministacks demo report")
+    print(f"\nvalidation loss {summary['val_loss']:.3f} (unigram entropy {summary['unigram_entropy']:.3f})")
+    print(f"report: {path}")
+    return 0

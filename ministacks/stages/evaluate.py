@@ -1,0 +1,239 @@
+"""`eval`: what routing buys — base, ungated and routed, per domain (the paper's Table 4 and §5.3).
+
+For each mode (inference.MODES) and each domain, on the domain's *test* split (never seen by the
+stacks, the router or the epoch selection):
+
+    loss       the validation loss as everywhere else (train.example_loss's definition), token-weighted
+               over the first `n_loss` test examples; routed mode routes every example on its own
+    accuracy   greedy answers (repetition penalty 1.2, as the paper) to the first `n_generate` test
+               examples, scored by tasks.score: math the "####" number, reasoning the final answer,
+               medical the ICD code or a definition's word overlap; chat has nothing checkable.
+               Code: HumanEval pass@1 (humaneval.py) on the first `humaneval` problems — the stdlib
+               test split has no unit tests, so it cannot say whether a function works
+    humaneval  code only: pass_at_1, its 95% Wilson interval (ci95_low, ci95_high), passed, n (problems
+               in the run) and n_fit (problems asked; one whose prompt leaves no room to answer counts
+               as a failure), passed_ids, seconds; `accuracy` repeats pass_at_1 and `n_generated` is n.
+               Routed mode routes every problem from its raw text (instruction + docstring)
+    format_ok  code only: the share of the `n_generate` stdlib test generations that pass the FORMAT
+               CHECK (they parse and define the requested name and parameters; tasks.check_code_format,
+               never called), over n_format_checked generations. Not accuracy: `return 42` passes it
+
+plus the routes taken (mean weight and the share of each switched-on set, per domain) and, for a fixed
+set of prompts (one test prompt per domain and a few mixed-domain ones), the three modes' answers side
+by side — the paper's three-panel comparison.
+
+Results are written to RUN/eval.json after every (mode, domain) block, so a killed evaluation resumes
+where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..data import load_split, mixed_prompts, raw_prompt, render_alpaca
+from ..evaluation import humaneval
+from ..evaluation.tasks import score
+from ..inference.stacked import MODES, StackedRun, describe_weights
+from ..io import atomic_write_json, read_json
+from ..presets import EvalConfig, Preset
+from ..report.paper import PAPER_TABLE4
+from ..report.plots import plot_eval
+from ..report.report import eval_table
+from ..routing.oracle import combo_name, shares
+from ..routing.router import ROUTER_DIR, routing_weights
+from ..run import load_run
+from ..stacks.layer import StacksOn, set_stacks, stacks_on
+from ..stacks.store import content_key, file_sha256
+from ..training.sft import ExampleSet, example_losses
+from .common import add_run_args, writable_folder
+
+HELP = "base / ungated / routed: test loss and task accuracy per domain"
+
+
+def mean_loss(sr: StackedRun, examples: list, cfg, on: StacksOn = StacksOn.ungated(),
+              weights: list[dict[str, float]] | None = None) -> float:
+    """Token-weighted mean loss of `examples` with the stacks `on`; with `weights` instead, example i runs
+    alone with weights[i] (routed mode: every prompt has its own route)."""
+    if weights is None:
+        data = ExampleSet(sr.tok, examples, cfg.completion_only, max_len=cfg.seq_len, batch_size=cfg.eval_batch_size)
+        with stacks_on(sr.model, on):
+            losses = example_losses(sr.model, data)
+    else:
+        data = ExampleSet(sr.tok, examples, cfg.completion_only, max_len=cfg.seq_len, batch_size=1)
+        with stacks_on(sr.model, StacksOn.ungated()):  # whatever the batches set is undone after the block
+            losses = example_losses(sr.model, data, before_batch=lambda rows: set_stacks(
+                sr.model, StacksOn.weighted(weights[rows[0]])))
+    return float((losses * data.scored).sum() / data.scored.sum().clamp(min=1))
+
+
+def _routes(sr: StackedRun, texts: list[str]) -> list[dict[str, float]]:
+    return [routing_weights(p, sr.router.cfg) for p in sr.probabilities(texts)]
+
+
+def _route_summary(domains: tuple[str, ...], weights: list[dict[str, float]]) -> dict:
+    return {"mean_weight": {d: sum(w.get(d, 0.0) for w in weights) / max(1, len(weights)) for d in domains},
+            "shares": shares([combo_name([d for d in domains if d in w]) for w in weights])}
+
+
+def _key(sr: StackedRun, cfg: EvalConfig) -> str:
+    """eval.json's cache key: the stacks' content, the router's weights and settings, the evaluation's settings."""
+    router = sr.paths.run / ROUTER_DIR
+    return content_key(sr.paths.run, sr.manifest, file_sha256(router / "model.safetensors"),
+                       read_json(router / "config.json"), asdict(cfg))
+
+
+def eval_stage(path: str | Path, preset: Preset | str | None = None, progress: bool = True,
+               cfg: EvalConfig | None = None) -> dict:
+    """Evaluate the run at `path` in the three modes; write and return RUN/eval.json.
+
+    The run's own Preset is used (run.run_preset), with `preset`'s evaluation settings if one is given;
+    `cfg` replaces the EvalConfig outright."""
+    sr = load_run(path, preset)
+    if sr.router is None:
+        raise FileNotFoundError(f"no router in {sr.paths.run}: run `python -m ministacks route --run {path}` first")
+    cfg = cfg or sr.preset.eval
+    out = sr.paths.run / "eval.json"
+    key = _key(sr, cfg)
+    result = read_json(out) if out.is_file() else {}
+    if result.get("key") != key:
+        result = {"key": key, "domains": list(sr.domains), "modes": list(MODES), "config": asdict(cfg),
+                  "results": {}, "routes": {}, "samples": [], "paper_table4": PAPER_TABLE4, "seconds": {},
+                  "files": {"json": str(out), "plot": str(sr.paths.run / "eval.png")}}
+    t0 = time.time()
+    stack_cfg = sr.preset.stack
+    todo = [(m, d) for d in sr.domains for m in MODES if f"{m}/{d}" not in result["results"]]
+    bar = tqdm(todo, desc="eval", disable=not progress, leave=False)
+    for mode, domain in bar:
+        bar.set_postfix_str(f"{domain} {mode}")
+        test = load_split(domain, "test", sr.preset.data)
+        loss_set, gen_set = test[: cfg.n_loss], test[: cfg.n_generate]
+        routes, on = None, StacksOn.ungated()
+        if mode == "routed":  # every prompt routed on its own, from its raw text
+            routes = _routes(sr, [raw_prompt(ex) for ex in test[: max(cfg.n_loss, cfg.n_generate)]])
+            result["routes"][domain] = _route_summary(sr.domains, routes[: len(loss_set)])
+        else:
+            on = sr.stacks_for(mode)
+        entry = {"loss": mean_loss(sr, loss_set, stack_cfg, on, routes), "n_loss": len(loss_set)}
+        entry.update(_accuracy(sr, domain, gen_set, mode, routes, cfg))
+        result["results"][f"{mode}/{domain}"] = entry
+        result["seconds"][f"{mode}/{domain}"] = time.time() - t0
+        t0 = time.time()
+        atomic_write_json(out, result)  # each finished block survives a kill
+    bar.close()
+    if not result["samples"]:
+        result["samples"] = side_by_side(sr, cfg)
+        atomic_write_json(out, result)
+    plot_eval(result, sr.paths.run / "eval.png")
+    return result
+
+
+def fits(sr: StackedRun, prompt: str, room: int) -> bool:
+    """Does `prompt` leave at least `room` tokens of the model's context to answer in?"""
+    return len(sr.tok.encode(prompt, bos=True)) + room <= sr.model.cfg.max_seq_len
+
+
+def _scores(sr: StackedRun, domain: str, examples: list, mode: str, routes: list | None, cfg: EvalConfig) -> list[dict]:
+    """tasks.score of a greedy answer to every example whose prompt leaves room to answer in the context."""
+    if not examples:
+        return []
+    budget = min(cfg.max_new_tokens, max(len(sr.tok.encode(ex.response)) for ex in examples) + 8)
+    scores = []
+    for i, ex in enumerate(examples):
+        if not fits(sr, ex.prompt(), 8):
+            continue  # a prompt that leaves no room to answer in the model's context is not asked
+        m = routes[i] if mode == "routed" else mode  # the routes of the first examples (same order)
+        gen = sr.generate(raw_prompt(ex), m, max_new_tokens=budget, prompt=ex.prompt(),
+                          repetition_penalty=cfg.repetition_penalty)
+        scores.append(score(domain, ex, gen["completion"], code_timeout=cfg.code_timeout))
+    return scores
+
+
+def _accuracy(sr: StackedRun, domain: str, examples: list, mode: str, routes: list | None, cfg: EvalConfig) -> dict:
+    """The domain's checked accuracy on its generated answers (None for chat: nothing checkable).
+    Code: the stdlib test split has no unit tests, so its answers get the format check (format_ok), and
+    the accuracy is HumanEval pass@1."""
+    if domain == "chat":
+        return {"accuracy": None, "n_generated": 0}
+    scores = _scores(sr, domain, examples, mode, routes, cfg)
+    if domain == "code":
+        formats = [s["format_ok"] for s in scores]
+        return {**_humaneval(sr, mode, cfg), "format_ok": sum(formats) / len(formats) if formats else None,
+                "n_format_checked": len(formats)}
+    if not scores:
+        return {"accuracy": None, "n_generated": 0}
+    acc = {"accuracy": sum(bool(s["correct"]) for s in scores) / len(scores), "n_generated": len(scores)}
+    f1 = [s["f1"] for s in scores if s.get("f1") is not None]
+    if f1:
+        acc["mean_f1"] = sum(f1) / len(f1)
+    return acc
+
+
+def _humaneval(sr: StackedRun, mode: str, cfg: EvalConfig) -> dict:
+    """HumanEval pass@1 in `mode` on the first cfg.humaneval problems (humaneval.py says how a problem
+    is asked and scored); as {"accuracy", "n_generated", "humaneval": {...}}."""
+    if cfg.humaneval == 0:
+        return {"accuracy": None, "n_generated": 0}
+    t0 = time.time()
+    problems = humaneval.load_problems(cfg.humaneval)
+    examples = [humaneval.to_example(p) for p in problems]
+    prompts = [humaneval.model_prompt(p) for p in problems]
+    # asked when the prompt leaves room for an answer as long as the reference one
+    asked = [i for i, p in enumerate(problems)
+             if fits(sr, prompts[i], len(sr.tok.encode(p.canonical_solution)))]
+    weights = _routes(sr, [raw_prompt(examples[i]) for i in asked]) if mode == "routed" and asked else None
+    outcomes: list[bool | None] = [None] * len(problems)  # None: not asked, a failure in pass@1
+    for j, i in enumerate(asked):
+        room = sr.model.cfg.max_seq_len - len(sr.tok.encode(prompts[i], bos=True))
+        # the whole room is the budget: function_body cuts the answer where the function ends
+        gen = sr.generate(raw_prompt(examples[i]), weights[j] if mode == "routed" else mode, max_new_tokens=room,
+                          prompt=prompts[i], repetition_penalty=cfg.humaneval_repetition_penalty)
+        body = humaneval.function_body(gen["completion"])
+        outcomes[i] = humaneval.run_tests(problems[i], body, timeout=cfg.humaneval_timeout)["passed"]
+    block = humaneval.pass_at_1(outcomes)
+    block["passed_ids"] = [p.task_id for p, o in zip(problems, outcomes) if o]
+    if weights is not None:
+        block["routes"] = _route_summary(sr.domains, weights)
+    block["seconds"] = time.time() - t0
+    return {"accuracy": block["pass_at_1"], "n_generated": block["n"], "humaneval": block}
+
+
+def side_by_side(sr: StackedRun, cfg: EvalConfig) -> list[dict]:
+    """One test prompt per domain and a few mixed-domain prompts, answered in every mode."""
+    # each domain's first test example whose prompt leaves room for an answer
+    firsts = [next((ex for ex in load_split(d, "test", sr.preset.data) if fits(sr, ex.prompt(), 32)), None)
+              for d in sr.domains]
+    firsts = [ex for ex in firsts if ex is not None]
+    prompts = [(ex.domain, raw_prompt(ex), ex.prompt()) for ex in firsts]  # label, raw text, templated prompt
+    seen = set()
+    for m in mixed_prompts(sr.preset.data, "test", 3):  # a few per kind: the first may not fit
+        if (m.kind not in seen and set(m.labels) <= set(sr.domains) and len(seen) < cfg.n_panel_mixed
+                and fits(sr, render_alpaca(m.text, ""), 32)):
+            seen.add(m.kind)
+            prompts.append((m.kind, m.text, None))
+    panel = []
+    for label, text, prompt in prompts:
+        row = {"label": label, "prompt": text, "answers": {}}
+        for mode in MODES:
+            gen = sr.generate(text, mode, max_new_tokens=min(64, cfg.max_new_tokens), prompt=prompt,
+                              repetition_penalty=cfg.repetition_penalty)
+            row["answers"][mode] = {"completion": gen["completion"], "weights": describe_weights(gen["weights"])}
+        panel.append(row)
+    return panel
+
+
+def add_args(p) -> None:
+    add_run_args(p)
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def main(args) -> int:
+    if Path(args.run).is_dir():
+        writable_folder(args.run, "--run")  # eval.json is written into the run
+    e = eval_stage(args.run, args.preset, progress=not args.no_progress)
+    print("\n".join(eval_table(e)))
+    print(f"wrote {e['files']['json']}")
+    return 0

@@ -1,0 +1,430 @@
+"""The one stack-training loop, shared by every experiment (spec §3), and residual boosting on top of it.
+
+One round trains one fresh stack on one domain, over a frozen base and frozen earlier stacks:
+
+    loss   = CE(next token) + λ · Σ_layers L_aux          (λ = 0.01; L_aux from every MoE-LoRA)
+    opt    = AdamW(β 0.9/0.95, weight decay 0.01) on the active stack only, grad-norm clip 1.0
+    lr(t)  = lr · t/warmup for t < warmup (40 steps), then linear decay to 0
+
+The best-stack guard (the paper's BestStackCallback, with our two fixes, spec §3): evaluate every
+`eval_every` steps; keep a snapshot of the best validation loss; stop the round on a spike
+(`val − best > 0.1`) or after 4 evaluations without improvement; restore the best snapshot at the
+end. "Best" starts at the pre-round loss with the zero-init snapshot — so a round that only makes
+things worse restores the identity (the released code starts at +inf and can never do that).
+
+Residual boosting (spec §3): rounds on one domain, each adding a fresh stack on top of the frozen
+ones; stop when a round after the first improves by less than 0.002. A round's stack is kept even
+when it stops the loop.
+
+One loss definition everywhere (spec §4): the validation loss of a domain is the token-weighted mean
+cross-entropy over its validation examples, each example on its own (no packing), over all tokens of
+the Alpaca-formatted text, or over the response tokens only with `completion_only`.
+
+Every stack has its own seed (`stack_seed`), a function of the run's seed and of how many stacks the
+model already holds frozen: it seeds the stack's initialisation (the A matrices and routers), its
+routing noise and its data order. Two domains' first stacks therefore start from different A matrices,
+and two rounds of one domain see different batches; the runs an experiment compares (MoE vs LoRA on a
+fresh base, with and without null-space) get the same seed for the same stack, and a resumed run gets
+the seed it had. The seed is recorded in the round's result (and so in the stack's manifest record).
+
+A round's checkpoint names the round it belongs to (stack index, seed, round index and whatever the
+caller adds, e.g. the domain) and is refused by any other round: resuming from another round's
+checkpoint would silently train (or duplicate) the wrong stack.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..checkpoint import load_latest, optimizer_from_tensors, save_checkpoint
+from ..data import Example
+from ..lm.pretrain import window_starts
+from ..runtime import training_state
+from ..stacks.layer import add_stack, aux_loss, freeze_active, stacked_layers
+from ..lm.tokenizer import Tokenizer
+
+IGNORE = -100  # label of a token that is not scored
+
+
+@dataclass(frozen=True)
+class StackTrainConfig:
+    steps: int = 400  # optimizer steps per round (paper: TinyLlama 400, Gemma 500)
+    batch_size: int = 16  # paper: 16
+    seq_len: int = 256  # packed window length (paper: 512; our base's context is 256)
+    lr: float = 2e-4  # paper: 2e-4 TinyLlama, 1e-4 Gemma
+    warmup_steps: int = 40  # paper: 40, then linear decay
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    aux_weight: float = 0.01  # λ for the load-balance loss
+    eval_every: int = 50  # paper: 50
+    spike: float = 0.1  # stop when val − best exceeds this
+    patience: int = 4  # stop after this many evaluations without improvement
+    guard: bool = True  # False: run every step (Exp 1 compares full curves)
+    completion_only: bool = False  # score only the response tokens (training and validation)
+    max_val_examples: int = 200  # validation examples per evaluation (paper's n = 200)
+    eval_batch_size: int = 32
+    seed: int = 0  # the run's seed; each stack's own is stack_seed(seed, stacks already frozen)
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def encode_example(tok: Tokenizer, ex: Example, completion_only: bool, max_len: int) -> tuple[list[int], list[int]]:
+    """`<bos> prompt response <eos>` and its labels (prompt tokens IGNOREd when completion_only)."""
+    prompt = tok.encode(ex.prompt(), bos=True)
+    response = tok.encode(ex.response, eos=True)
+    ids = (prompt + response)[:max_len]
+    labels = ([IGNORE] * len(prompt) if completion_only else list(prompt)) + response
+    return ids, labels[:max_len]
+
+
+class PackedExamples:
+    """Training examples packed into one token stream (paper: packing); windows drawn per step."""
+
+    def __init__(self, tok: Tokenizer, examples: Sequence[Example], completion_only: bool, seq_len: int):
+        if not examples:
+            raise ValueError("no training examples")
+        ids, labels = [], []
+        for ex in examples:
+            i, lab = encode_example(tok, ex, completion_only, max_len=10**9)
+            ids += i
+            labels += lab
+        self.ids, self.labels = torch.tensor(ids), torch.tensor(labels)
+        self.seq_len = seq_len
+
+    def batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = window_starts(len(self.ids), step, batch_size, self.seq_len, seed)
+        x = torch.stack([self.ids[s : s + self.seq_len] for s in starts])
+        y = torch.stack([self.labels[s : s + self.seq_len] for s in starts])
+        return x, y
+
+
+class ExampleSet:
+    """Validation examples, tokenised once, batched by length (padding on the right is never scored)."""
+
+    def __init__(self, tok: Tokenizer, examples: Sequence[Example], completion_only: bool, max_len: int,
+                 batch_size: int = 32):
+        pairs = [encode_example(tok, ex, completion_only, max_len) for ex in examples]
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))  # little padding per batch
+        self.batches = []
+        self.rows: list[list[int]] = []  # the examples (positions in the list given) of each batch
+        for b in range(0, len(order), batch_size):
+            self.rows.append(order[b : b + batch_size])
+            chunk = [pairs[i] for i in order[b : b + batch_size]]
+            T = max(len(ids) for ids, _ in chunk)
+            x = torch.full((len(chunk), T), tok.pad_id)
+            y = torch.full((len(chunk), T), IGNORE)
+            for row, (ids, lab) in enumerate(chunk):
+                x[row, : len(ids)] = torch.tensor(ids)
+                y[row, : len(lab)] = torch.tensor(lab)
+            self.batches.append((x, y))
+        # scored tokens per example, in the order given: weights of a token-weighted mean over examples
+        self.scored = torch.tensor([sum(t != IGNORE for t in lab[1:]) for _, lab in pairs])
+
+
+@torch.no_grad()
+def example_loss(model: nn.Module, data: ExampleSet) -> float:
+    """Token-weighted mean CE over every scored token of every example: *the* validation loss."""
+    total, count = 0.0, 0
+    with training_state(model, False):  # no dropout-like routing noise in the measurement
+        for x, y in data.batches:
+            n = int((y[:, 1:] != IGNORE).sum())  # labels are shifted inside the model
+            if n:
+                total += float(model(x, labels=y).loss) * n
+                count += n
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def example_losses(model: nn.Module, data: ExampleSet,
+                   before_batch: Callable[[list[int]], None] | None = None) -> torch.Tensor:
+    """Mean CE of every example on its own, in the order the examples were given: [N].
+
+    Batched (the whole ExampleSet in len(batches) forwards), so a caller that needs every example's
+    loss under many settings of the model (the router's target search) pays one pass per setting.
+    `before_batch(rows)` runs before each batch's forward (routed evaluation sets each example's
+    stack weights there, with batch_size 1)."""
+    n = sum(len(r) for r in data.rows)
+    out = torch.full((n,), float("nan"))
+    with training_state(model, False):
+        for (x, y), rows in zip(data.batches, data.rows):
+            if before_batch is not None:
+                before_batch(rows)
+            logits = model(x).logits  # [B, T, V]
+            target = y[:, 1:]  # position t predicts token t+1
+            ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=IGNORE, reduction="none")  # [B, T-1]
+            scored = (target != IGNORE).sum(1).clamp(min=1)
+            out[torch.tensor(rows)] = ce.sum(1) / scored
+    return out
+
+
+def per_example_losses(model: nn.Module, tok: Tokenizer, examples: Sequence[Example], completion_only: bool,
+                       max_len: int) -> list[float]:
+    """Mean CE of each example on its own (same scoring as `example_loss`), in the order given."""
+    return example_losses(model, ExampleSet(tok, examples, completion_only, max_len)).tolist()
+
+
+# -- one round -------------------------------------------------------------------------------------
+
+# Room for this many stacks per run seed: stack_seed(s, n) never meets stack_seed(s', n') for s != s'
+# while n, n' stay below it (a continual run holds tens of stacks; the paper's Gemma run 10).
+STACKS_PER_SEED = 10_000
+
+
+def stack_seed(base_seed: int, stack_index: int) -> int:
+    """The seed of a run's stack number `stack_index` (0 = the first stack the model holds):
+
+        seed = base_seed · STACKS_PER_SEED + stack_index
+
+    It seeds the stack's initialisation, its routing noise and its data order (`PackedExamples.batch`).
+    Distinct for every stack of a run, because the index only grows; deterministic, so a resumed run
+    gets the same seed; and the same for the same stack of two runs that are compared (MoE vs LoRA
+    both start on a fresh base: index 0). The released code's rule, 42 + round + 7 × stacks so far,
+    has the same purpose but repeats a seed once a domain has more than 7 rounds."""
+    if not 0 <= stack_index < STACKS_PER_SEED:
+        raise ValueError(f"stack_index={stack_index} must be in [0, {STACKS_PER_SEED}): raise STACKS_PER_SEED "
+                         "in ministacks/train.py for runs with more stacks")
+    return base_seed * STACKS_PER_SEED + stack_index
+
+
+def frozen_stack_count(model: nn.Module) -> int:
+    """How many stacks the model holds frozen (every StackedLinear holds the same ones; the first is asked)."""
+    layer = next(stacked_layers(model), None)
+    if layer is None:
+        raise ValueError("the model has no stacked layers: call stacks.inject_stacks(model) first")
+    return sum(len(s) for s in layer.stacks.values())
+
+
+class CheckpointMismatchError(ValueError):
+    """A round's checkpoint folder holds the checkpoint of another round."""
+
+
+@dataclass
+class RoundResult:
+    pre_loss: float  # validation loss before the round (earlier stacks on)
+    best_loss: float  # after restoring the best snapshot
+    val_curve: list[list[float]] = field(default_factory=list)  # [[step, loss], ...], step 0 = pre_loss
+    best_step: int = 0  # 0 = the zero-init snapshot (identity) was best
+    stop_reason: str = "steps"  # "steps", "spike" or "patience"
+    steps_run: int = 0
+    seconds_per_step: float = 0.0
+    params: int = 0
+    stack_index: int = 0  # stacks the model already held frozen when this one was added
+    seed: int = 0  # stack_seed(cfg.seed, stack_index): initialisation, routing noise, data order
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def lr_factor(step: int, cfg: StackTrainConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps))
+
+
+def _snapshot(model: nn.Module) -> list[dict[str, torch.Tensor]]:
+    return [copy.deepcopy(layer.active.state_dict()) for layer in stacked_layers(model)]
+
+
+def _restore(model: nn.Module, snap: list[dict[str, torch.Tensor]]) -> None:
+    for layer, sd in zip(stacked_layers(model), snap):
+        layer.active.load_state_dict(sd)
+
+
+def _flatten(prefix: str, snap: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{i}.{k}": v for i, sd in enumerate(snap) for k, v in sd.items()}
+
+
+def _unflatten(prefix: str, tensors: dict[str, torch.Tensor], n_layers: int) -> list[dict[str, torch.Tensor]]:
+    snap: list[dict[str, torch.Tensor]] = [{} for _ in range(n_layers)]
+    for name, v in tensors.items():
+        if name.startswith(prefix + "."):
+            i, k = name[len(prefix) + 1 :].split(".", 1)
+            snap[int(i)][k] = v
+    return snap
+
+
+def stack_step(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor, cfg: StackTrainConfig,
+               after_step: Callable[[nn.Module], None] | None = None) -> torch.Tensor:
+    """One optimizer step on the active stack: loss = CE + λ·Σ L_aux, clip, AdamW, then `after_step`.
+    Returns the task loss (CE alone)."""
+    task = model(x, labels=y).loss
+    loss = task + cfg.aux_weight * aux_loss(model)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    if after_step is not None:
+        after_step(model)
+    return task
+
+
+def train_round(
+    model: nn.Module,
+    make_adapter: Callable[[int, int], nn.Module],
+    train: PackedExamples,
+    val_loss: Callable[[], float],
+    cfg: StackTrainConfig,
+    progress: bool = True,
+    desc: str = "round",
+    after_step: Callable[[nn.Module], None] | None = None,
+    round_index: int = 0,
+    ckpt_dir: str | Path | None = None,
+    owner: dict | None = None,
+) -> RoundResult:
+    """Add a fresh active stack and train it with the best-stack guard; the best snapshot stays active.
+
+    `val_loss()` evaluates the model as it is (usually `example_loss` on the domain's validation set);
+    `after_step(model)` runs after every optimizer step (the null-space projection's strict mode).
+    The stack's seed is `stack_seed(cfg.seed, frozen_stack_count(model))`.
+    With `ckpt_dir`, the round checkpoints at every evaluation (active stack, best snapshot, optimizer,
+    guard state, RNG) and a call on the same folder resumes it, ending exactly as an uninterrupted round.
+    The checkpoint records which round it is — stack index, seed, `round_index` and the caller's `owner`
+    (JSON, e.g. {"domain": "code", "round": 2}) — and a call for any other round refuses it with
+    CheckpointMismatchError rather than train the wrong stack.
+    """
+    stack_index = frozen_stack_count(model)
+    seed = stack_seed(cfg.seed, stack_index)
+    torch.manual_seed(seed)  # the adapter's init and the routing noise; the data order uses `seed` too
+    identity = {**(owner or {}), "round_index": round_index, "stack_index": stack_index, "seed": seed}
+    ckpt = load_latest(ckpt_dir) if ckpt_dir is not None else None
+    if ckpt is not None and ckpt.state.get("identity") != identity:
+        theirs = ckpt.state.get("identity") or "no round (written by an older ministacks)"
+        raise CheckpointMismatchError(
+            f"{Path(ckpt_dir)} holds the checkpoint of {theirs}, not of the round being trained now ({identity}): "
+            f"resuming from it would train the wrong stack. Delete {Path(ckpt_dir)} to train this round afresh")
+    pre = ckpt.state["result"]["pre_loss"] if ckpt else val_loss()
+    params = add_stack(model, make_adapter)
+    layers = list(stacked_layers(model))
+    result = RoundResult(pre_loss=pre, best_loss=pre, val_curve=[[0, pre]], params=sum(p.numel() for p in params),
+                         stack_index=stack_index, seed=seed)
+    best_snap, bad, seconds, start, finished = _snapshot(model), 0, 0.0, 0, False
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    if ckpt is not None:
+        _restore(model, _unflatten("active", ckpt.model, len(layers)))
+        best_snap = _unflatten("best", ckpt.model, len(layers))
+        optimizer_from_tensors(opt, *ckpt.optimizer)
+        torch.set_rng_state(ckpt.model["rng"])  # routing noise continues as if never interrupted
+        result = RoundResult(**ckpt.state["result"])
+        bad, seconds, start, finished = ckpt.state["bad"], ckpt.state["seconds"], ckpt.state["step"], ckpt.state["finished"]
+
+    def checkpoint(step: int, done: bool) -> None:
+        if ckpt_dir is None:
+            return
+        tensors = {**_flatten("active", _snapshot(model)), **_flatten("best", best_snap), "rng": torch.get_rng_state()}
+        state = {"identity": identity, "result": result.to_dict(), "bad": bad, "seconds": seconds, "finished": done}
+        save_checkpoint(ckpt_dir, step, tensors, opt, state)
+
+    model.train(True)
+    bar = tqdm(range(start, cfg.steps), desc=desc, disable=not progress or finished, dynamic_ncols=True, leave=False)
+    for step in [] if finished else bar:
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * lr_factor(step, cfg)
+        x, y = train.batch(step, cfg.batch_size, seed)  # the stack's own data order
+        task = stack_step(model, params, opt, x, y, cfg, after_step)
+        seconds += time.perf_counter() - t0
+        result.steps_run = step + 1
+        bar.set_postfix(loss=f"{task.item():.3f}", best=f"{result.best_loss:.3f}")
+        if (step + 1) % cfg.eval_every and step + 1 != cfg.steps:
+            continue
+        v = val_loss()
+        model.train(True)
+        result.val_curve.append([step + 1, v])
+        if v < result.best_loss:
+            result.best_loss, result.best_step, best_snap, bad = v, step + 1, _snapshot(model), 0
+        else:
+            bad += 1
+        if cfg.guard and v - result.best_loss > cfg.spike:
+            result.stop_reason = "spike"
+        elif cfg.guard and bad >= cfg.patience:
+            result.stop_reason = "patience"
+        stopping = result.stop_reason != "steps" or step + 1 == cfg.steps
+        result.seconds_per_step = seconds / max(1, result.steps_run)
+        checkpoint(step + 1, done=stopping)
+        if stopping:
+            break
+    bar.close()
+    _restore(model, best_snap)
+    model.train(False)
+    result.seconds_per_step = seconds / max(1, result.steps_run)
+    return result
+
+
+# -- residual boosting -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BoostConfig:
+    max_rounds: int = 3  # paper: TinyLlama up to 3, Gemma 2 per domain
+    min_improvement: float = 0.002  # a round after the first must improve the domain's loss by this
+
+
+def boosting_stops(round_index: int, prev_best: float, best: float, boost: BoostConfig) -> bool:
+    """The stop rule: a round after the first that improves the domain's loss by less than min_improvement."""
+    return round_index > 0 and prev_best - best < boost.min_improvement
+
+
+def boosting_done(best_losses: Sequence[float], boost: BoostConfig) -> bool:
+    """Has a domain whose rounds so far reached `best_losses` finished boosting? Either a round stopped
+    the loop (the stop rule) or `boost.max_rounds` rounds are trained. A resumed run replays its saved
+    rounds through this, so it continues exactly where an uninterrupted loop would be."""
+    prev = math.inf
+    for r, best in enumerate(best_losses):
+        if boosting_stops(r, prev, best, boost):
+            return True
+        prev = best
+    return len(best_losses) >= boost.max_rounds
+
+
+def boost_domain(
+    model: nn.Module,
+    domain: str,
+    make_adapter: Callable[[int, int], nn.Module],
+    train: PackedExamples,
+    val_loss: Callable[[], float],
+    cfg: StackTrainConfig,
+    boost: BoostConfig = BoostConfig(),
+    progress: bool = True,
+    after_step: Callable[[nn.Module], None] | None = None,
+    saved: Sequence[float] = (),
+    ckpt_dir: str | Path | None = None,
+    after_round: Callable[[int, RoundResult], None] | None = None,
+) -> list[RoundResult]:
+    """Residual boosting on one domain: the one loop `boost` and the continual run share.
+
+        while not boosting_done(rounds so far):
+            train_round: a fresh stack on top of the frozen ones (its own seed, its own batches)
+            freeze it under `domain`          kept even if it is the round that stops the loop
+            after_round(r, result)            the caller's hook: the continual run saves the stack and
+                                              its manifest entry here, before the next round starts
+
+    `saved`: the best losses of the domain's rounds already trained and frozen in `model` (a resumed
+    run); the loop continues after them. With `ckpt_dir`, each round checkpoints there and resumes
+    from it after a kill (train_round), its identity being (domain, round). Returns the new rounds."""
+    best = list(saved)
+    rounds: list[RoundResult] = []
+    while not boosting_done(best, boost):
+        r = len(best)
+        res = train_round(model, make_adapter, train, val_loss, cfg, progress, desc=f"{domain} round {r + 1}",
+                          after_step=after_step, round_index=r, ckpt_dir=ckpt_dir,
+                          owner={"domain": domain, "round": r + 1})
+        freeze_active(model, domain)
+        if after_round is not None:
+            after_round(r, res)
+        best.append(res.best_loss)
+        rounds.append(res)
+    return rounds
