@@ -32,7 +32,8 @@ from .lm.tokenizer import Tokenizer
 from .presets import PRESETS, Preset, contradictions, get_preset, preset_from_record, preset_record
 from .routing.router import load_router
 from .stacks.layer import inject_stacks
-from .stacks.store import load_all_stacks, read_manifest
+from .stacks.store import load_all_stacks
+from .stacks.manifest import read_manifest
 
 
 @dataclass(frozen=True)

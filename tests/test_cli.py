@@ -168,7 +168,8 @@ def test_routed_generation_one_hot_equals_only_that_domains_stacks(demo_dir):
     from ministacks.data import render_alpaca
     from ministacks.run import load_run, prepared_base
     from ministacks.stacks.layer import StacksOn, stacks_on
-    from ministacks.stacks.store import load_stack, read_manifest
+    from ministacks.stacks.store import load_stack
+    from ministacks.stacks.manifest import read_manifest
 
     sr = load_run(demo_dir)
     prompt = "Write a Python function `add(a, b)` that does the following."
@@ -202,7 +203,8 @@ def test_caches_follow_the_stacks_content_not_their_names(demo_dir, tmp_path):
     from ministacks.routing.router import save_router
     from ministacks.run import load_run
     from ministacks.stacks.layer import stacked_layers
-    from ministacks.stacks.store import read_manifest, save_stack
+    from ministacks.stacks.store import save_stack
+    from ministacks.stacks.manifest import read_manifest
 
     run = tmp_path / "demo"
     shutil.copytree(demo_dir, run)

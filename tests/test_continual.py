@@ -16,11 +16,13 @@ from ministacks.stages.common import domain_val
 from ministacks.stages.continual import run_continual
 from ministacks.stages.pretrain import ensure_base
 from ministacks.training.continual import load_basis
-from ministacks.training.nullspace import project_out
+from ministacks.training.projection import project_out
 from ministacks.presets import SMOKE
 from ministacks.stacks.layer import StacksOn, set_stacks, stacked_layers
-from ministacks.stacks.store import load_all_stacks, read_manifest, stack_paths
-from ministacks.training.sft import example_loss, stack_seed
+from ministacks.stacks.store import load_all_stacks, stack_paths
+from ministacks.stacks.manifest import read_manifest
+from ministacks.training.sft import stack_seed
+from ministacks.training.examples import example_loss
 
 
 def _preset(domains, rounds=1, steps=4, **kw):

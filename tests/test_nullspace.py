@@ -13,16 +13,14 @@ import torch.nn as nn
 from ministacks.data import load_split
 from ministacks.lm.model import ModelConfig, Transformer
 from ministacks.adapters.moe_lora import MoELoRA
-from ministacks.training.nullspace import (Projection, attach_projection, build_basis, capacity_by_projection, capacity_report,
-                                  capacity_warning, collect_deltas, detach_projection, directions_per_domain,
-                                  domain_bases, layer_leakage, leakage, make_after_step, model_leakage,
-                                  orthogonality_by_projection, orthonormal_union, project_out, randomized_svd,
-                                  singular_spectra, strict_project_, subspace_similarity)
+from ministacks.training.nullspace import build_basis, capacity_by_projection, capacity_report, capacity_warning, collect_deltas, directions_per_domain, domain_bases, orthonormal_union, randomized_svd
+from ministacks.training.projection import Projection, attach_projection, detach_projection, layer_leakage, leakage, make_after_step, model_leakage, orthogonality_by_projection, project_out, singular_spectra, strict_project_, subspace_similarity
 from ministacks.stages.pretrain import base_tokenizer
 from ministacks.presets import PRESETS, SMOKE
 from ministacks.stacks.layer import (AdapterConfig, StackedLinear, add_stack, freeze_active, inject_stacks, make_adapter,
                                StacksOn, set_stacks, stacked_layers)
-from ministacks.training.sft import IGNORE, ExampleSet, PackedExamples, StackTrainConfig, train_round
+from ministacks.training.sft import StackTrainConfig, train_round
+from ministacks.training.examples import IGNORE, ExampleSet, PackedExamples
 
 
 def orthonormal(d: int, k: int, seed: int) -> torch.Tensor:

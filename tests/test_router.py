@@ -12,7 +12,7 @@ from ministacks.routing.router import (MetaRouter, RouterConfig, RouterData, pro
 from ministacks.stages.route import group_split
 from ministacks.stacks.layer import StacksOn, add_stack, freeze_active, inject_stacks, make_adapter, set_stacks, stacked_layers
 from ministacks.lm.tokenizer import Tokenizer
-from ministacks.training.sft import ExampleSet, example_losses
+from ministacks.training.examples import ExampleSet, example_losses
 
 DOMAINS = ("chat", "code", "math", "medical", "reasoning")
 

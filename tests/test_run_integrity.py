@@ -17,7 +17,7 @@ from ministacks.presets import SMOKE, with_vocab
 from ministacks.lm.base import BASE_RECORD_KEYS, load_base
 from ministacks.lm.pretrain import PretrainConfig, pretrain
 from ministacks.routing.router import MetaRouter, RouterConfig, load_router, save_router
-from ministacks.stacks.store import new_manifest, write_manifest
+from ministacks.stacks.manifest import new_manifest, write_manifest
 from ministacks.lm.tokenizer import Tokenizer
 
 from damage import flip_middle_byte, truncate

@@ -11,9 +11,8 @@ from ministacks.lm.model import ModelConfig, Transformer
 from ministacks.stages.pretrain import base_tokenizer
 from ministacks.presets import SMOKE
 from ministacks.stacks.layer import add_stack, freeze_active, inject_stacks, make_adapter, stacked_layers
-from ministacks.training.sft import (IGNORE, STACKS_PER_SEED, BoostConfig, CheckpointMismatchError, ExampleSet,
-                              PackedExamples, StackTrainConfig, boost_domain, encode_example, example_loss,
-                              stack_seed, train_round)
+from ministacks.training.sft import STACKS_PER_SEED, BoostConfig, CheckpointMismatchError, StackTrainConfig, boost_domain, stack_seed, train_round
+from ministacks.training.examples import IGNORE, ExampleSet, PackedExamples, encode_example, example_loss
 
 
 @pytest.fixture(scope="module")

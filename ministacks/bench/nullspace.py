@@ -32,7 +32,8 @@ import torch
 from ..lm.model import ModelConfig, Transformer
 from ..runtime import keep_freed_memory
 from ..stacks.layer import StackedLinear, add_stack, freeze_active, inject_stacks, make_adapter
-from ..training.nullspace import attach_projection, detach_projection, randomized_svd, strict_project_
+from ..training.nullspace import randomized_svd
+from ..training.projection import attach_projection, detach_projection, strict_project_
 from ..training.sft import StackTrainConfig, stack_step
 from .timing import busy_machine, median, time_interleaved
 

@@ -47,7 +47,7 @@ import torch.nn as nn
 
 from .router import RouterConfig
 from ..stacks.layer import StacksOn, stacks_on
-from ..training.sft import ExampleSet, example_losses
+from ..training.examples import ExampleSet, example_losses
 
 BASE = ()  # the empty combination: every stack off
 

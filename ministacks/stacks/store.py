@@ -5,15 +5,15 @@ This file implements
   - `save_stack` / `load_stack`  : one frozen stack <-> one safetensors file plus one JSON record
   - `load_all_stacks`            : every stack a manifest lists, in its order; a bad file is reported
                                    by name and skipped, the others stay usable
-  - `new_manifest`, `read_manifest`, `write_manifest` : RUN/manifest.json, what a run has done so far
   - `StackFileError`, `ForeignBaseError` : what can be wrong with a stack file, said in words
 
-Layout of a run folder (the base and tokenizer come from `pretrain`, see `pretrain.load_base`):
+Layout of a run folder (the base and tokenizer come from `pretrain`, see `lm.base.load_base`):
 
     RUN/
         base/model.safetensors, base/config.json      the frozen base
         tokenizer.json
         manifest.json                  domains, stacks in training order, forgetting matrix, timings
+                                       (stacks/manifest.py)
         stacks/
             chat_r01.safetensors       one tensor per (wrapped projection, adapter parameter):
                                          "layers.0.self_attn.q_proj.lora_A", "...q_proj.router.weight", ...
@@ -79,8 +79,6 @@ from .layer import AdapterConfig, StackedLinear, freeze_active, make_adapter
 STACK_FORMAT = "ministacks-stack"  # written into every stack JSON and safetensors header
 STACK_VERSION = 2  # 2: the record carries record_sha256 (1: without it; still read, with a warning)
 READABLE_VERSIONS = (1, 2)
-MANIFEST_VERSION = 1
-MANIFEST = "manifest.json"
 STACKS_DIR = "stacks"
 _DOMAIN_RE = re.compile(r"^[A-Za-z0-9_-]+$")  # a file name and a ModuleDict key ("." is not allowed there)
 
@@ -293,7 +291,7 @@ def _load_stack(run: Path, model: nn.Module, domain: str, round: int, model_fp: 
     if record["base_fingerprint"] != model_fp:
         raise ForeignBaseError(tensor_path, f"stack {name} was trained on base {record['base_fingerprint']}, "
                                             f"this model's base is {model_fp}; stacks only work on the base they "
-                                            "were trained on: load the run's own base (pretrain.load_base)")
+                                            "were trained on: load the run's own base (lm.base.load_base)")
     try:
         cfg = AdapterConfig(**record["adapter_config"])
         refs = _reference_adapters(model, record["kind"], cfg)
@@ -368,9 +366,9 @@ def load_all_stacks(run: str | Path, model: nn.Module, manifest: dict[str, Any],
     run = Path(run)
     fp = base_fingerprint(model)
     if manifest.get("base_fingerprint") not in (None, fp):
-        raise ForeignBaseError(run / MANIFEST, f"this run was trained on base {manifest['base_fingerprint']}, "
+        raise ForeignBaseError(run / "manifest.json", f"this run was trained on base {manifest['base_fingerprint']}, "
                                                f"this model's base is {fp}: "
-                                               "load the run's own base (pretrain.load_base)")
+                                               "load the run's own base (lm.base.load_base)")
     failed, problems, first = [], [], None
     for entry in manifest.get("stacks", []):
         domain, round = entry["domain"], entry["round"]
@@ -390,74 +388,3 @@ def load_all_stacks(run: str | Path, model: nn.Module, manifest: dict[str, Any],
             + " deletes that stack and every stack trained after it; then run the command that trained the run "
             "again (train or demo, same --out): it retrains from there")
     return failed
-
-
-# -- the manifest ----------------------------------------------------------------------------------
-
-
-def new_manifest(model: nn.Module, tokenizer, domains: list[str], config: dict[str, Any]) -> dict[str, Any]:
-    """A fresh manifest for a run over `domains` (curriculum order). `stacks` gets one entry per
-    saved stack, {"domain", "round", ...}, appended after `save_stack` returns; `forgetting.matrix[i][j]`
-    is the val loss of domain j after training domain i (None until measured)."""
-    for d in domains:
-        stack_name(d, 0)  # the same rule as for file names, checked now rather than at the first save
-    try:
-        json.dumps(config)
-    except TypeError as e:
-        raise ValueError(f"the run config is not JSON-serialisable: {e}") from None
-    n = len(domains)
-    return {
-        "version": MANIFEST_VERSION,
-        "base_fingerprint": base_fingerprint(model),
-        "tokenizer": tokenizer.fingerprint(),
-        "domains": list(domains),
-        "stacks": [],
-        "forgetting": {"domains": list(domains), "matrix": [[None] * n for _ in range(n)]},
-        "timings": {},
-        "config": config,
-    }
-
-
-def read_manifest(run: str | Path) -> dict[str, Any] | None:
-    """RUN/manifest.json, or None when the run has none yet."""
-    path = Path(run) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        manifest = read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); it is written atomically, so it was edited or "
-                         "damaged outside ministacks: restore it, or delete it to start the run afresh") from None
-    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
-        raise ValueError(f"{path}: not a version-{MANIFEST_VERSION} ministacks manifest")
-    return manifest
-
-
-def write_manifest(run: str | Path, manifest: dict[str, Any]) -> None:
-    """Atomically replace RUN/manifest.json: a kill leaves the old manifest or the new one, never half."""
-    atomic_write_json(Path(run) / MANIFEST, manifest)
-
-
-# -- cache keys ------------------------------------------------------------------------------------
-
-
-def content_key(run: str | Path, manifest: dict[str, Any], *settings: Any) -> str:
-    """sha256 (hex) over what a cached result was computed from: the base fingerprint, the checksums of
-    every stack in `manifest` (its tensor file's sha256 and its record's, read from RUN/stacks/*.json;
-    loading verifies both against the files) and `settings` (anything JSON-serialisable: prompts,
-    search settings, a router's checksum, ...).
-
-    Keyed by content, not by names: retraining `code_r01` into the same folder writes new tensors under
-    the same name, and a key built from (domain, round) would hand back the old stack's numbers."""
-    stacks = []
-    for entry in manifest.get("stacks", []):
-        json_path = stack_paths(run, entry["domain"], entry["round"])[1]
-        record = read_json(json_path) if json_path.is_file() else {}
-        stacks.append([stack_name(entry["domain"], entry["round"]), record.get("sha256"), record.get("record_sha256")])
-    blob = json.dumps([manifest.get("base_fingerprint"), stacks, list(settings)], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 (hex) of a file's bytes."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

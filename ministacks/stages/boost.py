@@ -18,7 +18,8 @@ from ..report.paper import PAPER_BOOST
 from ..report.plots import plot_boost
 from ..run import prepared_base
 from ..stacks.layer import make_adapter
-from ..training.sft import boost_domain, example_loss
+from ..training.sft import boost_domain
+from ..training.examples import example_loss
 from .common import add_preset_args, add_quant_arg, domain_data, preset_of, writable_folder
 from .pretrain import ensure_base
 

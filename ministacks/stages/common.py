@@ -14,7 +14,8 @@ from pathlib import Path
 
 from ..data import load_split
 from ..presets import PRESETS, Preset, get_preset
-from ..training.sft import ExampleSet, PackedExamples, StackTrainConfig
+from ..training.sft import StackTrainConfig
+from ..training.examples import ExampleSet, PackedExamples
 
 
 # -- arguments ---------------------------------------------------------------------------------------

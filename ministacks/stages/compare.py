@@ -20,7 +20,8 @@ from ..report.paper import PAPER_EXP1
 from ..report.plots import plot_compare
 from ..run import prepared_base
 from ..stacks.layer import make_adapter
-from ..training.sft import example_loss, train_round
+from ..training.sft import train_round
+from ..training.examples import example_loss
 from .common import add_preset_args, add_quant_arg, domain_data, preset_of, writable_folder
 from .pretrain import ensure_base
 

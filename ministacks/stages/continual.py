@@ -24,9 +24,11 @@ from ..presets import Preset, preset_record
 from ..report.paper import PAPER_FORGETTING
 from ..report.plots import plot_forgetting, plot_subspaces
 from ..run import prepared_base
-from ..stacks.store import load_all_stacks, new_manifest, read_manifest, write_manifest
+from ..stacks.store import load_all_stacks
+from ..stacks.manifest import new_manifest, read_manifest, write_manifest
 from ..training.continual import check_domains, train_domains
-from ..training.nullspace import domain_bases, orthogonality_by_projection, singular_spectra, subspace_similarity
+from ..training.nullspace import domain_bases
+from ..training.projection import orthogonality_by_projection, singular_spectra, subspace_similarity
 from .common import add_preset_args, add_quant_arg, domain_data, domain_val, preset_of, writable_folder
 from .pretrain import ensure_base
 

@@ -47,8 +47,8 @@ from ..routing.oracle import combo_name, shares
 from ..routing.router import ROUTER_DIR, routing_weights
 from ..run import load_run
 from ..stacks.layer import StacksOn, set_stacks, stacks_on
-from ..stacks.store import content_key, file_sha256
-from ..training.sft import ExampleSet, example_losses
+from ..stacks.manifest import content_key, file_sha256
+from ..training.examples import ExampleSet, example_losses
 from .common import add_run_args, writable_folder
 
 HELP = "base / ungated / routed: test loss and task accuracy per domain"

@@ -35,8 +35,8 @@ from ..routing.oracle import (ComboLosses, OracleResult, combo_name, find_target
 from ..routing.router import (ROUTER_DIR, MetaRouter, RouterConfig, RouterData, prompt_features, router_metrics,
                               routing_weights, save_router, train_router)
 from ..run import load_run
-from ..stacks.store import content_key
-from ..training.sft import ExampleSet
+from ..stacks.manifest import content_key
+from ..training.examples import ExampleSet
 from .common import add_run_args, writable_folder
 
 HELP = "train the meta-router of a trained run"
@@ -72,7 +72,7 @@ def group_split(sources: list[tuple[str, ...]], val_fraction: float, seed: int) 
 
 
 def _targets_key(run: Path, manifest: dict, examples: list, cfg: RouterConfig) -> str:
-    """The oracle's cache key: the stacks' content (store.content_key), the prompts, the search's settings."""
+    """The oracle's cache key: the stacks' content (stacks.manifest.content_key), the prompts, the search's settings."""
     search = [cfg.search, cfg.min_gain, cfg.chat_floor, cfg.oracle_chat_floor, cfg.reasoning_soft, cfg.label_weight]
     return content_key(run, manifest, [ex.key() for ex in examples], search)
 

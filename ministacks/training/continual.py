@@ -50,10 +50,12 @@ from ..checkpoint import load_latest
 from ..data import DOMAINS
 from ..io import atomic_save_tensors, load_tensors
 from ..stacks.layer import AdapterConfig, StacksOn, make_adapter, set_stacks
-from ..stacks.store import read_manifest, repair_command, save_stack, stack_name, stack_paths, write_manifest
-from .nullspace import (attach_projection, build_basis, capacity_by_projection, capacity_report, capacity_warning,
-                        detach_projection, make_after_step)
-from .sft import BoostConfig, ExampleSet, PackedExamples, RoundResult, StackTrainConfig, boost_domain, boosting_done, example_loss
+from ..stacks.store import repair_command, save_stack, stack_name, stack_paths
+from ..stacks.manifest import read_manifest, write_manifest
+from .nullspace import build_basis, capacity_by_projection, capacity_report, capacity_warning
+from .projection import attach_projection, detach_projection, make_after_step
+from .sft import BoostConfig, RoundResult, StackTrainConfig, boost_domain, boosting_done
+from .examples import ExampleSet, PackedExamples, example_loss
 
 
 @dataclass(frozen=True)

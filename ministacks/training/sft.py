@@ -16,9 +16,7 @@ Residual boosting (spec §3): rounds on one domain, each adding a fresh stack on
 ones; stop when a round after the first improves by less than 0.002. A round's stack is kept even
 when it stops the loop.
 
-One loss definition everywhere (spec §4): the validation loss of a domain is the token-weighted mean
-cross-entropy over its validation examples, each example on its own (no packing), over all tokens of
-the Alpaca-formatted text, or over the response tokens only with `completion_only`.
+The data a round reads and the one loss every stage measures are in examples.py.
 
 Every stack has its own seed (`stack_seed`), a function of the run's seed and of how many stacks the
 model already holds frozen: it seeds the stack's initialisation (the A matrices and routers), its
@@ -43,17 +41,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_latest, optimizer_from_tensors, save_checkpoint
-from ..data import Example
-from ..lm.pretrain import window_starts
-from ..runtime import training_state
 from ..stacks.layer import add_stack, aux_loss, freeze_active, stacked_layers
-from ..lm.tokenizer import Tokenizer
+from .examples import PackedExamples
 
-IGNORE = -100  # label of a token that is not scored
 
 
 @dataclass(frozen=True)
@@ -76,104 +69,6 @@ class StackTrainConfig:
     max_val_examples: int = 200  # validation examples per evaluation (paper's n = 200)
     eval_batch_size: int = 32
     seed: int = 0  # the run's seed; each stack's own is stack_seed(seed, stacks already frozen)
-
-
-# -- data ------------------------------------------------------------------------------------------
-
-
-def encode_example(tok: Tokenizer, ex: Example, completion_only: bool, max_len: int) -> tuple[list[int], list[int]]:
-    """`<bos> prompt response <eos>` and its labels (prompt tokens IGNOREd when completion_only)."""
-    prompt = tok.encode(ex.prompt(), bos=True)
-    response = tok.encode(ex.response, eos=True)
-    ids = (prompt + response)[:max_len]
-    labels = ([IGNORE] * len(prompt) if completion_only else list(prompt)) + response
-    return ids, labels[:max_len]
-
-
-class PackedExamples:
-    """Training examples packed into one token stream (paper: packing); windows drawn per step."""
-
-    def __init__(self, tok: Tokenizer, examples: Sequence[Example], completion_only: bool, seq_len: int):
-        if not examples:
-            raise ValueError("no training examples")
-        ids, labels = [], []
-        for ex in examples:
-            i, lab = encode_example(tok, ex, completion_only, max_len=10**9)
-            ids += i
-            labels += lab
-        self.ids, self.labels = torch.tensor(ids), torch.tensor(labels)
-        self.seq_len = seq_len
-
-    def batch(self, step: int, batch_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = window_starts(len(self.ids), step, batch_size, self.seq_len, seed)
-        x = torch.stack([self.ids[s : s + self.seq_len] for s in starts])
-        y = torch.stack([self.labels[s : s + self.seq_len] for s in starts])
-        return x, y
-
-
-class ExampleSet:
-    """Validation examples, tokenised once, batched by length (padding on the right is never scored)."""
-
-    def __init__(self, tok: Tokenizer, examples: Sequence[Example], completion_only: bool, max_len: int,
-                 batch_size: int = 32):
-        pairs = [encode_example(tok, ex, completion_only, max_len) for ex in examples]
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))  # little padding per batch
-        self.batches = []
-        self.rows: list[list[int]] = []  # the examples (positions in the list given) of each batch
-        for b in range(0, len(order), batch_size):
-            self.rows.append(order[b : b + batch_size])
-            chunk = [pairs[i] for i in order[b : b + batch_size]]
-            T = max(len(ids) for ids, _ in chunk)
-            x = torch.full((len(chunk), T), tok.pad_id)
-            y = torch.full((len(chunk), T), IGNORE)
-            for row, (ids, lab) in enumerate(chunk):
-                x[row, : len(ids)] = torch.tensor(ids)
-                y[row, : len(lab)] = torch.tensor(lab)
-            self.batches.append((x, y))
-        # scored tokens per example, in the order given: weights of a token-weighted mean over examples
-        self.scored = torch.tensor([sum(t != IGNORE for t in lab[1:]) for _, lab in pairs])
-
-
-@torch.no_grad()
-def example_loss(model: nn.Module, data: ExampleSet) -> float:
-    """Token-weighted mean CE over every scored token of every example: *the* validation loss."""
-    total, count = 0.0, 0
-    with training_state(model, False):  # no dropout-like routing noise in the measurement
-        for x, y in data.batches:
-            n = int((y[:, 1:] != IGNORE).sum())  # labels are shifted inside the model
-            if n:
-                total += float(model(x, labels=y).loss) * n
-                count += n
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def example_losses(model: nn.Module, data: ExampleSet,
-                   before_batch: Callable[[list[int]], None] | None = None) -> torch.Tensor:
-    """Mean CE of every example on its own, in the order the examples were given: [N].
-
-    Batched (the whole ExampleSet in len(batches) forwards), so a caller that needs every example's
-    loss under many settings of the model (the router's target search) pays one pass per setting.
-    `before_batch(rows)` runs before each batch's forward (routed evaluation sets each example's
-    stack weights there, with batch_size 1)."""
-    n = sum(len(r) for r in data.rows)
-    out = torch.full((n,), float("nan"))
-    with training_state(model, False):
-        for (x, y), rows in zip(data.batches, data.rows):
-            if before_batch is not None:
-                before_batch(rows)
-            logits = model(x).logits  # [B, T, V]
-            target = y[:, 1:]  # position t predicts token t+1
-            ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=IGNORE, reduction="none")  # [B, T-1]
-            scored = (target != IGNORE).sum(1).clamp(min=1)
-            out[torch.tensor(rows)] = ce.sum(1) / scored
-    return out
-
-
-def per_example_losses(model: nn.Module, tok: Tokenizer, examples: Sequence[Example], completion_only: bool,
-                       max_len: int) -> list[float]:
-    """Mean CE of each example on its own (same scoring as `example_loss`), in the order given."""
-    return example_losses(model, ExampleSet(tok, examples, completion_only, max_len)).tolist()
 
 
 # -- one round -------------------------------------------------------------------------------------
