@@ -36,7 +36,7 @@ class EvalConfig:
     n_loss: int = 200  # test examples per domain for the loss (the whole test split by default)
     n_generate: int = 20  # test examples per domain whose generated answers are scored
     max_new_tokens: int = 160  # cap; a domain generates at most its longest reference answer + 8 tokens
-    repetition_penalty: float = 1.2  # paper (spec §7)
+    repetition_penalty: float = 1.2  # paper (docs/brainstacks.md §7)
     n_panel_mixed: int = 4  # mixed-domain prompts in the side-by-side panel (one per kind)
     code_timeout: float = 5.0  # seconds for a generated function's sandboxed run (stdlib format check)
     humaneval: int = N_PROBLEMS  # HumanEval problems asked in every mode (the first n; 0: none)

@@ -1,4 +1,4 @@
-"""Null-space projection (spec §5): the projector, randomized SVD, delta collection, the two basis modes,
+"""Null-space projection (docs/brainstacks.md §5): the projector, randomized SVD, delta collection, the two basis modes,
 and the central claim — strict enforcement keeps a frozen stack out of the protected directions at
 inference, the released code's forward-only projection does not under AdamW."""
 

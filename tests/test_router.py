@@ -1,4 +1,4 @@
-"""The meta-router (spec §6): network, features, outcome-based targets, group split, inference rule."""
+"""The meta-router (docs/brainstacks.md §6): network, features, outcome-based targets, group split, inference rule."""
 
 from dataclasses import replace
 
@@ -21,7 +21,7 @@ DOMAINS = ("chat", "code", "math", "medical", "reasoning")
 
 
 def test_parameter_count_at_gemma_width():
-    """Spec §6: 2,761,730 parameters at token_dim 3840 (Gemma 3 12B) and 5 domains, counted layer by
+    """docs/brainstacks.md §6: 2,761,730 parameters at token_dim 3840 (Gemma 3 12B) and 5 domains, counted layer by
     layer from the paper's description (not from the implementation's modules)."""
     token_dim, H, D = 3840, 512, 5
     linear = lambda i, o: i * o + o  # noqa: E731  weight + bias
@@ -40,7 +40,7 @@ def test_parameter_count_at_gemma_width():
 
 
 def test_forward_is_the_paper_network_written_out():
-    """Parity with the description in spec §6: plain dot-product scores (no 1/√H), the global and the
+    """Parity with the description in docs/brainstacks.md §6: plain dot-product scores (no 1/√H), the global and the
     per-domain contexts each through its own LayerNorm, the shared fusion MLP and head, logits / T."""
     torch.manual_seed(0)
     r = MetaRouter(12, DOMAINS[:3], RouterConfig(hidden=16)).eval()
@@ -287,7 +287,7 @@ def test_greedy_search_continues_its_pass_after_an_acceptance():
 
 
 def test_oracle_combinations_run_chat_at_its_inference_floor(floored):
-    """Spec §6: every configuration the oracle evaluates has chat at max(w_chat, 0.2), as inference has."""
+    """docs/brainstacks.md §6: every configuration the oracle evaluates has chat at max(w_chat, 0.2), as inference has."""
     from ministacks.routing.oracle import combo_weights
 
     model, data = floored

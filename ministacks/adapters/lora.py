@@ -10,7 +10,7 @@ The frozen projection W stays as it is; the adapter adds a rank-r correction to 
 
     y = W x + Δ(x),     Δ(x) = s · B A x,     A ∈ R^{r×d_in},  B ∈ R^{d_out×r}
 
-    s = lora_alpha / sqrt(r)   (rsLoRA, the Brainstacks default: paper §1, α = 16)
+    s = lora_alpha / sqrt(r)   (rsLoRA, the Brainstacks default: docs/brainstacks.md §1, α = 16)
     s = lora_alpha / r         (original LoRA, `use_rslora=False`)
 
               x [.., d_in]

@@ -1,4 +1,4 @@
-"""MoE-LoRA: N small LoRA experts and a noisy top-k router, one delta Δ of a Brainstacks stack (paper §1).
+"""MoE-LoRA: N small LoRA experts and a noisy top-k router, one delta Δ of a Brainstacks stack (docs/brainstacks.md §1).
 
 This file implements
   - `MoELoRA`                : Δ(x) = s · Σ_i g_i(x) · B_i A_i x, returning the load-balance loss beside it

@@ -42,7 +42,7 @@ from ..runtime import keep_freed_memory
 from ..stacks.layer import add_stack, aux_loss, inject_stacks
 from .timing import busy_machine, time_interleaved
 
-AUX_LOSS_WEIGHT = 0.01  # λ of the paper's total loss, task + λ · Σ L_aux (paper §1)
+AUX_LOSS_WEIGHT = 0.01  # λ of the paper's total loss, task + λ · Σ L_aux (docs/brainstacks.md §1)
 VARIANTS = ("base", "lora", "moe", "naive")
 
 

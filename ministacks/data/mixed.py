@@ -1,6 +1,6 @@
 """Mixed-domain prompts for the meta-router: prompts that need two domains' skills at once.
 
-The meta-router (brainstacks.md §6) learns which domains' stacks to switch on for a prompt. Trained
+The meta-router (docs/brainstacks.md §6) learns which domains' stacks to switch on for a prompt. Trained
 on single-domain prompts alone it would only ever learn to switch on one domain, so it also sees
 prompts that need two. Those have no reference answer to score stack combinations with, so they keep
 *multi-hot* labels, a 1 for every domain they need; the router's independent sigmoid per domain (not

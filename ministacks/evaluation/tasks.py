@@ -1,6 +1,6 @@
 """Checkable task accuracy per domain: did a generation get the example right?
 
-The paper scores generations per domain (brainstacks.md §9: GSM8K greedy, "the number after '####'
+The paper scores generations per domain (docs/brainstacks.md §9: GSM8K greedy, "the number after '####'
 or else the last number"). Our five domains (ministacks/data) make that check concrete as follows;
 `CHECKS` holds the same table as data, for reports:
 

@@ -1,4 +1,4 @@
-"""Inference with a trained run: the base, its frozen stacks from disk, and the meta-router (spec §6–7).
+"""Inference with a trained run: the base, its frozen stacks from disk, and the meta-router (docs/brainstacks.md §6–7).
 
     prompt ──► router (base alone, stacks off) ──► p_d per domain ──► weights (chat ≥ 0.2, p ≤ 0.12 off)
                                                                            │

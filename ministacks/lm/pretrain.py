@@ -1,7 +1,7 @@
 """Pretraining the base model from random initialisation (the ground every stack stands on).
 
 Brainstacks adapts a *pretrained* base: LoRA corrections refine an existing geometry and cannot
-build one (the paper's PSN v1 finding, spec §8). The paper starts from TinyLlama / Gemma; on a
+build one (the paper's PSN v1 finding, docs/brainstacks.md §8). The paper starts from TinyLlama / Gemma; on a
 laptop we pretrain our own small LLaMA-style model on the general corpus — raw text of every
 domain's training examples, never a validation or test example.
 

@@ -1,1 +1,1 @@
-"""report"""
+"""report.md, the figures, and every number quoted from the paper."""

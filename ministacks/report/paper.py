@@ -6,7 +6,7 @@ so. Nothing here is ever compared with a tolerance or used to pick a setting.
 """
 
 # Experiment 1 and residual boosting: the paper's TinyLlama runs
-PAPER_EXP1 = {  # spec §9: TinyLlama-1.1B 4-bit, alpaca, val loss every 50 steps
+PAPER_EXP1 = {  # docs/brainstacks.md §9: TinyLlama-1.1B 4-bit, alpaca, val loss every 50 steps
     "steps": [50, 100, 150, 200, 250, 300, 350, 400],
     "moe": [0.9131, 0.8946, 0.8876, 0.8812, 0.8779, 0.8745, 0.8724, 0.8715],
     "lora": [0.9194, 0.9127, 0.9045, 0.8960, 0.8891, 0.8823, 0.8766, 0.8741],
@@ -16,7 +16,7 @@ PAPER_EXP1 = {  # spec §9: TinyLlama-1.1B 4-bit, alpaca, val loss every 50 step
 PAPER_BOOST = {"round2_best": 0.8531, "note": "round 2 best; round 3 was worse (TinyLlama, chat)"}
 
 
-# spec §5: TinyLlama, ungated validation loss, rows = after training, NoNS -> NS (curriculum chat, code,
+# docs/brainstacks.md §5: TinyLlama, ungated validation loss, rows = after training, NoNS -> NS (curriculum chat, code,
 # medical, math as in the paper's own run)
 PAPER_FORGETTING = {
     "domains": ["chat", "code", "medical", "math"],
@@ -27,11 +27,11 @@ PAPER_FORGETTING = {
 }
 
 
-# spec §6: the paper's oracle on medical prompts (Gemma 3 12B): chat+math 32 of 33, medical alone 1 of 33
+# docs/brainstacks.md §6: the paper's oracle on medical prompts (Gemma 3 12B): chat+math 32 of 33, medical alone 1 of 33
 PAPER_ORACLE = {"medical": {"chat+math": 32 / 33, "medical": 1 / 33}}
 
 
-# spec §9, Exp 3 (Gemma 3 12B IT, NF4, 5 domains x 2 rounds, 200 samples each): base -> routed
+# docs/brainstacks.md §9, Exp 3 (Gemma 3 12B IT, NF4, 5 domains x 2 rounds, 200 samples each): base -> routed
 PAPER_TABLE4 = {
     "HellaSwag": (0.670, 0.650), "ARC-Easy": (0.510, 0.515), "ARC-Challenge": (0.525, 0.495),
     "TruthfulQA MC1": (0.350, 0.370), "MMLU": (0.450, 0.435), "GSM8K": (0.665, 0.665),

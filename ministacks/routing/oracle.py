@@ -1,4 +1,4 @@
-"""Outcome-based targets for the meta-router (spec §6): which stacks *actually* help a prompt.
+"""Outcome-based targets for the meta-router (docs/brainstacks.md §6): which stacks *actually* help a prompt.
 
 A domain label says where a prompt came from, not which stacks lower its loss. The oracle measures
 it: for a prompt with an answer, the loss on the answer under combinations of domain stacks, and the

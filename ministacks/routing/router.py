@@ -1,4 +1,4 @@
-"""The outcome-based meta-router (spec §6): which domains' stacks to switch on for a prompt.
+"""The outcome-based meta-router (docs/brainstacks.md §6): which domains' stacks to switch on for a prompt.
 
     prompt (raw, no template) ──► frozen base, every stack off ──► h_mid, h_last per token
                                                                       │
@@ -20,7 +20,7 @@ and why adding a domain costs one 512-vector. The queries start at N(0, 0.02²),
 every score is near 0 and the pooling is a plain mean over the tokens. The sigmoids are independent
 (not a softmax): a prompt may need several domains at once, or none.
 
-Training (spec §6): targets come from outcomes (oracle.py), mixed-domain prompts keep multi-hot labels;
+Training (docs/brainstacks.md §6): targets come from outcomes (oracle.py), mixed-domain prompts keep multi-hot labels;
 
     loss = BCE(z/T, target) + 0.05 · mean(max(0, 0.3 − |p − 0.5|))
 
@@ -36,7 +36,7 @@ A router that learns "medical prompts → chat+math" from the oracle scores well
 disagrees with the prompts' domain labels; agreement with the labels is reported beside them under
 its own names (label_top1, label_set_match), never mixed into the selection.
 
-Inference rule (spec §6): p_chat = max(p_chat, 0.20); every domain with p_d > 0.12 is on with weight
+Inference rule (docs/brainstacks.md §6): p_chat = max(p_chat, 0.20); every domain with p_d > 0.12 is on with weight
 p_d; the others are skipped entirely (stacks.SKIP_THRESHOLD), so a switched-off domain costs nothing.
 
 This file holds the network, its features, its loss, its training loop and the inference rule; where
@@ -80,7 +80,7 @@ class RouterConfig:
     prompts_per_domain: int = 100
     mixed_per_kind: int = 30
     val_fraction: float = 0.2  # share of prompt groups held out for selecting the epoch
-    # outcome-based targets (spec §6, oracle.py)
+    # outcome-based targets (docs/brainstacks.md §6, oracle.py)
     search: str = "exhaustive"  # "exhaustive": all 2^D − 1 combinations; "greedy": the released code's search
     min_gain: float = 0.01  # a domain switched on must lower the loss by more than this (released code: 0.01)
     chat_floor: float = 0.2  # chat's target and inference weight are at least this

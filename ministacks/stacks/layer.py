@@ -1,6 +1,6 @@
 """The stacked layer: a frozen base projection plus frozen adapter stacks plus one active stack.
 
-Brainstacks §0/§2. Every wrapped projection (q, k, v, o, gate, up, down of every layer) computes
+docs/brainstacks.md §0, §2. Every wrapped projection (q, k, v, o, gate, up, down of every layer) computes
 
         y = base(x)  +  Σ_domains w_d · Σ_{stacks j of d} Δ_j(x)  +  Δ_active(x)
 
@@ -19,7 +19,7 @@ it", "route to these domains" are one call each, on our model and on a Hugging F
   frozen stacks in train mode, so they keep routing noisily while later stacks train;
   `freeze_active(..., keep_train_mode=True)` reproduces that.
 - Which frozen stacks run is one `StacksOn` (ungated, weighted, or the base alone); a domain at or
-  below `SKIP_THRESHOLD` (0.12, spec §6) is skipped entirely — no compute at all.
+  below `SKIP_THRESHOLD` (0.12, docs/brainstacks.md §6) is skipped entirely — no compute at all.
 - Inference over many frozen stacks runs as one fused pass (see `FusedStacks`), checked against the
   stack-by-stack loop in the tests.
 
@@ -67,7 +67,7 @@ def make_adapter(kind: str, cfg: AdapterConfig = AdapterConfig()) -> Callable[[i
 
 
 TARGET_MODULES = PROJECTION_NAMES  # peft's name for "which modules get adapters"
-SKIP_THRESHOLD = 0.12  # a domain whose weight is at or below this costs nothing (spec §6 inference rule)
+SKIP_THRESHOLD = 0.12  # a domain whose weight is at or below this costs nothing (docs/brainstacks.md §6, inference rule)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Stacks on disk and the run manifest: a frozen stack is written once and reloaded exactly (spec §4, §7).
+"""Stacks on disk and the run manifest: a frozen stack is written once and reloaded exactly (docs/brainstacks.md §4, §7).
 
 This file implements
   - `base_fingerprint`           : a sha256 over the base model's own tensors (never the stacks)

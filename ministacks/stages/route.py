@@ -1,4 +1,4 @@
-"""`route`: train the meta-router of a finished continual run (spec §6) and measure what it learned.
+"""`route`: train the meta-router of a finished continual run (docs/brainstacks.md §6) and measure what it learned.
 
     1. prompts   each domain's validation examples (the stacks never trained on them; the evaluation
                  reads the test split) + mixed-domain prompts built from the same split (data/mixed.py)

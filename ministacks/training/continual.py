@@ -1,8 +1,8 @@
-"""Continual domains: the outer loop of Brainstacks (spec §4), with null-space projection (spec §5).
+"""Continual domains: the outer loop of Brainstacks (docs/brainstacks.md §4), with null-space projection (docs/brainstacks.md §5).
 
     for domain d in curriculum order (chat → code → math → medical → reasoning):
         if null-space and d is not the first:
-            V = directions the frozen stacks of earlier domains write into (randomized SVD, §5)
+            V = directions the frozen stacks of earlier domains write into (randomized SVD, docs/brainstacks.md §5)
             train d's stacks with their delta projected out of V: δ − (δV)Vᵀ
         residual boosting rounds on d (train.py), each stack frozen and saved as soon as it is trained
         forgetting row: validation loss of every domain seen so far, all stacks on (ungated)
@@ -21,7 +21,7 @@ them resumes to the same stacks:
 A checkpoint that names a round which is neither saved nor the next to train is refused (train.py's
 CheckpointMismatchError): it would otherwise become a duplicate, or a stack of the wrong domain.
 
-Null-space capacity (spec §5): each earlier domain claims K directions of every projection's output,
+Null-space capacity (docs/brainstacks.md §5): each earlier domain claims K directions of every projection's output,
 so a narrow projection (k/v: n_kv_head × head_dim) can fill up. `ns_max_share` caps the protected
 share of each projection; where the cap binds, each earlier domain keeps fewer (its strongest)
 directions there, a warning says which projections, and the manifest records it per projection.
@@ -60,7 +60,7 @@ from .examples import ExampleSet, PackedExamples, example_loss
 
 @dataclass(frozen=True)
 class ContinualConfig:
-    domains: tuple[str, ...] = DOMAINS  # curriculum order (spec §4)
+    domains: tuple[str, ...] = DOMAINS  # curriculum order (docs/brainstacks.md §4)
     rounds: int = 2  # most boosting rounds per domain (paper: Gemma 2; TinyLlama up to 3)
     steps: int | None = None  # steps per round; None = the preset's stack steps
     nullspace: bool = True  # project new stacks out of earlier stacks' output directions

@@ -1,4 +1,4 @@
-"""Null-space projection: keep a new domain's stack out of the output directions earlier stacks use (spec §5).
+"""Null-space projection: keep a new domain's stack out of the output directions earlier stacks use (docs/brainstacks.md §5).
 
 Before training domain d (not the first), for every wrapped projection (d_out outputs):
 
@@ -11,7 +11,7 @@ Before training domain d (not the first), for every wrapped projection (d_out ou
 
     δ [T, d_out] ──► δ V [T, K] ──► (δ V) Vᵀ [T, d_out] ──► δ − (δ V) Vᵀ   (orthogonal to every column of V)
 
-Paper vs released code (defaults first; spec §5):
+Paper vs released code (defaults first; docs/brainstacks.md §5):
   data      previous domains' validation examples              | the new domain's examples (`new_domain_data`)
   capacity  mode="per_domain": K directions of each earlier    | mode="sum": K directions of the sum of all
             domain's own stacks, united and orthonormalised     |   frozen stacks (K in all, not per domain)
@@ -75,7 +75,7 @@ def randomized_svd(D: torch.Tensor, k: int, oversample: int = 8, n_iter: int = 2
     3. Q = qr(Y) [n, k+p] is an orthonormal basis of (almost) the top range; B = Qᵀ D [k+p, d] is small
     4. SVD of B = Ub S Vᵀ exactly; U = Q Ub
     No mean-centring: a shift every example shares is a direction the stacks write into, so it must be
-    protected too. When min(n, d) ≤ 2k a sketch saves nothing, and the full SVD is exact (spec: n ≤ 2K).
+    protected too. When min(n, d) ≤ 2k a sketch saves nothing, and the full SVD is exact (docs/brainstacks.md §5: n ≤ 2K).
     """
     n, d = D.shape
     if not 1 <= k <= min(n, d):

@@ -1,4 +1,4 @@
-"""The one stack-training loop, shared by every experiment (spec §3), and residual boosting on top of it.
+"""The one stack-training loop, shared by every experiment (docs/brainstacks.md §3), and residual boosting on top of it.
 
 One round trains one fresh stack on one domain, over a frozen base and frozen earlier stacks:
 
@@ -6,13 +6,13 @@ One round trains one fresh stack on one domain, over a frozen base and frozen ea
     opt    = AdamW(β 0.9/0.95, weight decay 0.01) on the active stack only, grad-norm clip 1.0
     lr(t)  = lr · t/warmup for t < warmup (40 steps), then linear decay to 0
 
-The best-stack guard (the paper's BestStackCallback, with our two fixes, spec §3): evaluate every
+The best-stack guard (the paper's BestStackCallback, with our two fixes, docs/brainstacks.md §3): evaluate every
 `eval_every` steps; keep a snapshot of the best validation loss; stop the round on a spike
 (`val − best > 0.1`) or after 4 evaluations without improvement; restore the best snapshot at the
 end. "Best" starts at the pre-round loss with the zero-init snapshot — so a round that only makes
 things worse restores the identity (the released code starts at +inf and can never do that).
 
-Residual boosting (spec §3): rounds on one domain, each adding a fresh stack on top of the frozen
+Residual boosting (docs/brainstacks.md §3): rounds on one domain, each adding a fresh stack on top of the frozen
 ones; stop when a round after the first improves by less than 0.002. A round's stack is kept even
 when it stops the loop.
 
