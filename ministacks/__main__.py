@@ -1,8 +1,5 @@
 """Command line: `python -m ministacks <command> ...` (also installed as `ministacks`).
 
-Argument parsing only: each command is a module with `HELP`, `add_args(parser)` and `main(args)`
-(COMMANDS below).
-
     demo       every stage that exists, on the embedded default data, then report.md
     pretrain   pretrain the base model from random initialisation (resumes if DIR has a checkpoint)
     compare    Experiment 1: MoE-LoRA vs the parameter-matched single LoRA on chat
@@ -23,6 +20,7 @@ import argparse
 import importlib
 import sys
 
+# Argument parsing only: each command is a module with `HELP`, `add_args(parser)` and `main(args)`.
 # command -> the module that implements it, in the order `--help` lists them
 COMMANDS = {
     "demo": "ministacks.stages.demo",

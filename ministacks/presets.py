@@ -147,18 +147,27 @@ def preset_record(preset: Preset) -> dict:
 
 
 def _from_json(cls, record: dict):
-    """A (nested) config dataclass from its JSON record: lists back to tuples, nested configs rebuilt."""
+    """A (nested) config dataclass from its JSON record: lists back to tuples, nested configs rebuilt.
+    A field the record lacks takes its default (added after the record was written); a field this
+    code does not know, or a plain value of the wrong type, is a ValueError: the run could not be
+    reproduced from it."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{cls.__name__} is {type(record).__name__}, not a record")
     hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(record) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no field(s) {unknown}")
     values = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in record:
-            continue  # a field added after the record was written: its default
-        v, hint = record[f.name], hints[f.name]
+    for name, v in record.items():
+        hint = hints[name]
         if dataclasses.is_dataclass(hint):
             v = _from_json(hint, v)
         elif isinstance(v, list):
             v = tuple(v)
-        values[f.name] = v
+        elif hint in (int, float, str, bool) and not (isinstance(v, hint) or (hint is float and isinstance(v, int))):
+            raise ValueError(f"{cls.__name__}.{name} is {v!r}, not a {hint.__name__}")
+        values[name] = v
     return cls(**values)
 
 

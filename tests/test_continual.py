@@ -245,3 +245,19 @@ def test_a_full_projection_is_capped_with_a_warning_and_a_record(base, tight_ref
     delta = layer.stacks["math"][0](x).delta
     through = project_out(delta, load_basis(run, "math")[kv])
     assert through.norm() > 0.1 * delta.norm()
+
+
+def test_a_run_records_its_whole_preset_and_is_loaded_with_it(base):
+    """`train` records the Preset as it ran (steps per round from the continual config); the stages after it
+    load the run with that record, so a preset no registry knows gets past `train`."""
+    from ministacks.presets import preset_from_record
+    from ministacks.run import load_run
+
+    preset = replace(_preset(["chat"], steps=2), name="mine", router=replace(SMOKE.router, epochs=1))
+    run = base / "mine"  # a run inside the base's folder, as the demo's nullspace/ is
+    m = run_continual(preset, base, run, progress=False)
+    assert preset_from_record(m["config"]) == replace(preset, stack=replace(preset.stack, steps=2))
+    sr = load_run(run, router=False)
+    assert sr.preset.name == "mine" and sr.preset.router.epochs == 1 and sr.domains == ("chat",)
+    with pytest.raises(ValueError, match="contradicts"):
+        load_run(run, "quick", router=False)

@@ -35,7 +35,7 @@ Why sqrt(r) (rsLoRA): Kalajdzievski (2023) shows that with the original 1/r the 
 of its gradients shrinks as the rank grows, so a high rank learns no better than a low one; 1/sqrt(r)
 is the scaling that keeps both of order one at every rank, so that rank 64 actually uses its capacity.
 
-The wrapper that computes W x + Δ(x) lives elsewhere (`stacks.py`); this module returns only Δ.
+The wrapper that computes W x + Δ(x) lives elsewhere (`stacks/layer.py`); this module returns only Δ.
 """
 
 from __future__ import annotations

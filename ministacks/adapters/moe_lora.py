@@ -45,7 +45,7 @@ The released Brainstacks code instead computes every expert's full output, einsu
 einsum('ter,eor->teo'), a [T, N, d_out] tensor (N times the size of the layer's output) that is then
 weighted by mostly-zero gates and summed; the paper measured MoE-LoRA 2.1x slower per step than the
 single LoRA. The FLOPs are the same; their order and the intermediate tensor are what cost
-(`bench_moe.py` measures the two forms side by side).
+(`bench/moe.py` measures the two forms side by side).
 
 Computing every expert's A_i x for every token is not waste worth removing: sparse dispatch (gather
 each expert's tokens, run it, scatter back, as large MoE layers do) would save half the adapter FLOPs
@@ -187,7 +187,7 @@ class MoELoRA(nn.Module):
                 out_basis: torch.Tensor | None = None) -> AdapterOutput:
         """x [..., d_in] -> AdapterOutput(delta [..., d_out], aux_loss []). `noise`: see `noisy_logits`.
         `out_basis` V [d_out, K]: every expert's B becomes B_i − V(VᵀB_i), which projects the delta out of V
-        (null-space projection, nullspace.py) for d_out·K·N·r multiplies per forward instead of per token."""
+        (null-space projection, training/projection.py) for d_out·K·N·r multiplies per forward instead of per token."""
         if x.shape[-1] != self.d_in:
             raise ValueError(f"MoELoRA expects inputs [..., {self.d_in}], got {tuple(x.shape)}")
         E, R = self.n_experts, self.r

@@ -79,12 +79,15 @@ class StackedRun:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a whole number of at least 1, not {max_new_tokens!r}")
         prompt = prompt if prompt is not None else render_alpaca(text, "")
+        # the router was trained on raw prompts (no template), so it routes the raw text, not `prompt`
         on = self.stacks_for(mode, route_text if route_text is not None else text)
         ids = self.tok.encode(prompt, bos=True)
+        # the answer gets whatever context the prompt leaves, and a prompt that leaves none is an error
+        # (cutting its start would change what is asked)
         room = self.model.cfg.max_seq_len - len(ids)
         if room < 1:
             raise ValueError(f"the prompt is {len(ids)} tokens; this model's context is {self.model.cfg.max_seq_len}")
-        with stacks_on(self.model, on):
+        with stacks_on(self.model, on):  # set for this answer only: the model is back as it was afterwards
             out = self.model.generate(torch.tensor([ids]), min(max_new_tokens, room),
                                       repetition_penalty=repetition_penalty, eos_id=self.tok.eos_id)
         completion = self.tok.decode([t for t in out[0, len(ids):].tolist() if t != self.tok.eos_id])

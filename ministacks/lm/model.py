@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# The seven projections of every layer, named as in Hugging Face Llama/Gemma: adapters (stacks.py) and
+# The seven projections of every layer, named as in Hugging Face Llama/Gemma: adapters (stacks/layer.py) and
 # the 4-bit base (quant.py) target these names, on this model and on a Hugging Face one alike.
 PROJECTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -35,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_latest, optimizer_from_tensors, save_checkpoint
+from ..runtime import training_state
 from ..io import RunFileError, seed_everything
 from .base import recorded_run_config, save_base
 from .model import ModelConfig, Transformer
@@ -131,16 +132,14 @@ def make_optimizer(model: Transformer, cfg: PretrainConfig) -> torch.optim.AdamW
 @torch.no_grad()
 def evaluate(model: Transformer, windows: torch.Tensor, batch_size: int) -> float:
     """Mean next-token loss over fixed validation windows (token-weighted)."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(windows), batch_size):
-        x = windows[i : i + batch_size]
-        out = model(x, labels=x)
-        n = x.numel() - x.shape[0]  # T-1 predictions per row
-        total += float(out.loss) * n
-        count += n
-    model.train(was_training)
+    with training_state(model, False):
+        for i in range(0, len(windows), batch_size):
+            x = windows[i : i + batch_size]
+            out = model(x, labels=x)
+            n = x.numel() - x.shape[0]  # T-1 predictions per row
+            total += float(out.loss) * n
+            count += n
     return total / count
 
 

@@ -1,4 +1,25 @@
-"""Figures for the report: plain matplotlib (saved to files; without a screen matplotlib falls back to Agg)."""
+"""Figures for the report: plain matplotlib (saved to files; without a screen matplotlib falls back to Agg).
+
+Each stage draws its figure from the same dict it writes as JSON, next to that JSON; report.md links it
+(report.py). §N is docs/brainstacks.md §N.
+
+    plot_pretrain     OUT/pretrain_loss.png  train and validation loss of the base against the unigram
+                                             entropy line: the base should end well below it
+    plot_compare      OUT/compare.png        Exp 1 (§9, the paper's Figure 2): both arms' validation
+                                             curves, and LoRA − MoE per checkpoint (green: MoE ahead)
+    plot_boost        OUT/boost.png          residual boosting (§3, Figure 3): one curve per round on one
+                                             step axis; does round 2 reach below round 1's best?
+    plot_forgetting   OUT/forgetting.png     forgetting matrices (§4, §5, Figures 4–6) and with − without
+                                             null-space: blue below the diagonal is where projection helped
+    plot_subspaces    OUT/subspaces.png      the stacks' output subspaces (Figures 8–10): overlap between
+                                             domains, how many directions a stack uses, leakage into the
+                                             protected ones
+    plot_router       RUN/router.png         the router's training curves, the oracle's winning
+                                             combinations and the router's routes (§6): do the two match?
+    plot_eval         RUN/eval.png           test loss and accuracy in base, ungated and routed mode (§7)
+
+OUT is the demo's folder; RUN is the continual run the router and the evaluation work on (OUT/nullspace).
+"""
 
 from __future__ import annotations
 
@@ -8,29 +29,40 @@ import matplotlib.pyplot as plt
 
 
 def _save(fig, path: Path) -> Path:
+    """Lay out, write `path` (its format from the suffix, at the figure's dpi) and close the figure."""
     fig.tight_layout()
     fig.savefig(path)
+    # pyplot keeps every figure alive until closed: a run draws several, and a notebook many more
     plt.close(fig)
     return path
 
 
 def _smooth(values: list[float], k: int) -> list[float]:
-    """Trailing moving average: raw per-step losses are too noisy to read."""
+    """Trailing moving average: raw per-step losses are too noisy to read.
+
+    out[i] = mean(values[max(0, i − k + 1) : i + 1]): the first k − 1 points average what there is so far,
+    so the curve starts at step 1 instead of being padded or cut. A running sum keeps it O(n)."""
     out, acc = [], 0.0
     for i, v in enumerate(values):
         acc += v
         if i >= k:
-            acc -= values[i - k]
+            acc -= values[i - k]  # the value leaving the window
         out.append(acc / min(i + 1, k))
     return out
 
 
 def plot_pretrain(summary: dict, path: str | Path) -> Path:
-    """Train (smoothed) and validation loss against step, with the unigram-entropy baseline."""
+    """Train (smoothed) and validation loss against step, with the unigram-entropy baseline.
+
+    `summary`: pretrain.json's dict (lm/pretrain.py): "train_curve" [[step, batch loss]], "val_curve"
+    [[step, loss]], "unigram_entropy", "params", "vocab_size". Read: the validation curve should fall
+    well below the dashed line, the loss of a model that ignores context; a train curve well below it
+    is the base overfitting its corpus."""
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    if summary["train_curve"]:
+    if summary["train_curve"]:  # empty only when no step ran
         steps, losses = zip(*summary["train_curve"])
+        # one batch's loss jumps with its documents; a 10-step mean shows the trend under the noise
         ax.plot(steps, _smooth(list(losses), 10), lw=1, alpha=0.7, label="train (10-step mean)")
     vs, vl = zip(*summary["val_curve"])
     ax.plot(vs, vl, "o-", lw=2, ms=4, label="validation")
@@ -38,29 +70,39 @@ def plot_pretrain(summary: dict, path: str | Path) -> Path:
                label=f"unigram entropy {summary['unigram_entropy']:.2f}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / token)")
-    ax.set_title(f"Pretraining from random init — {summary['params'] / 1e6:.2f}M params, vocab {summary['vocab_size']}")
+    ax.set_title(f"Pretraining from random init — {summary['params'] / 1e6:.2f}M params, "
+                 f"vocab {summary['vocab_size']}")
+    # from 0, so the drop is seen at its true size; the top holds the step-0 (random init) loss and the line
     ax.set_ylim(0, max(vl[0], summary["unigram_entropy"]) * 1.05)
     ax.grid(alpha=0.3)
     ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)  # stages/pretrain.py draws this before pretrain.json
     return _save(fig, path)
 
 
 def plot_compare(result: dict, path: str | Path) -> Path:
-    """Like the paper's Figure 2: MoE-LoRA and single-LoRA validation curves, and the gap at each checkpoint."""
+    """Like the paper's Figure 2: MoE-LoRA and single-LoRA validation curves, and the gap at each checkpoint.
+
+    `result`: compare.json's dict ("moe" and "lora", each with "val_curve" [[step, loss]] and "params").
+    Right panel: LoRA − MoE at every step both arms evaluated, so a green bar (positive) is a checkpoint
+    where MoE-LoRA is ahead; the paper has MoE ahead at all 8 (§9)."""
     path = Path(path)
     fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     for kind, label in (("moe", "MoE-LoRA (4 × r16, top-2)"), ("lora", "single LoRA (r64)")):
         steps, losses = zip(*result[kind]["val_curve"])
+        # the parameter counts in the legend show the match the comparison rests on
         ax.plot(steps, losses, "o-", ms=4, label=f"{label}, {result[kind]['params'] / 1e6:.2f}M params")
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")
     ax.set_title(f"{result['domain']}: MoE-LoRA vs parameter-matched LoRA")
     ax.grid(alpha=0.3)
     ax.legend()
+    # JSON gives [step, loss] lists: as {step: loss}, the two curves are matched by step
     moe, lora = dict(map(tuple, result["moe"]["val_curve"])), dict(map(tuple, result["lora"]["val_curve"]))
+    # step 0 is left out: both arms are the zero-init identity there, so the gap is 0 by construction
     steps = [s for s in moe if s in lora and s > 0]
     gaps = [lora[s] - moe[s] for s in steps]
+    # steps as labels: evenly spaced bars, whatever the evaluation interval
     gap_ax.bar([str(int(s)) for s in steps], gaps, color=["tab:green" if g > 0 else "tab:red" for g in gaps])
     gap_ax.axhline(0, color="black", lw=0.8)
     gap_ax.set_xlabel("step")
@@ -70,15 +112,21 @@ def plot_compare(result: dict, path: str | Path) -> Path:
 
 
 def plot_boost(result: dict, path: str | Path) -> Path:
-    """Like the paper's Figure 3: validation loss through the boosting rounds, one colour per round."""
+    """Like the paper's Figure 3: validation loss through the boosting rounds, one colour per round.
+
+    `result`: boost.json's dict, "rounds" each with "val_curve" [[step, loss]] (step 0: the loss before
+    the round), "steps_run" and "best_loss". The rounds are laid end to end on one cumulative step axis,
+    a dotted line where each begins; the legend gives each round's best, which round 2 should beat."""
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     offset = 0
     for i, r in enumerate(result["rounds"]):
         steps, losses = zip(*r["val_curve"])
+        # a round starts from the best snapshot of the one before, not its last evaluation: a step down at
+        # a boundary is that snapshot being restored
         ax.plot([offset + s for s in steps], losses, "o-", ms=4, label=f"round {i + 1}: best {r['best_loss']:.4f}")
         ax.axvline(offset, color="gray", lw=0.6, ls=":")
-        offset += r["steps_run"]
+        offset += r["steps_run"]  # a round the guard stopped early takes only the steps it ran
     ax.set_xlabel("cumulative step")
     ax.set_ylabel("validation loss")
     ax.set_title(f"Residual boosting on {result['domain']} (stop: gain < {result['min_improvement']})")
@@ -88,28 +136,40 @@ def plot_boost(result: dict, path: str | Path) -> Path:
 
 
 def _heat(ax, matrix, rows, cols, title, cmap="viridis", center=False):
+    """`matrix` (lists; None = not measured) as an annotated heat map on `ax`, with a colour bar.
+
+    center=True: a diverging map with limits ±max|v|, for differences: zero sits at the map's middle,
+    so the colour's hue is the sign and its depth the size, a gain and a loss of one size equally deep."""
     import numpy as np
 
+    # None becomes NaN, which imshow leaves blank: a cell not measured (a forgetting matrix's upper
+    # triangle) must not read as a 0
     m = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
     if center:
-        lim = np.nanmax(np.abs(m)) or 1.0
+        lim = np.nanmax(np.abs(m)) or 1.0  # an all-zero difference would give vmin = vmax
         im = ax.imshow(m, cmap=cmap, vmin=-lim, vmax=lim)
     else:
         im = ax.imshow(m, cmap=cmap)
     ax.set_xticks(range(len(cols)), cols, rotation=30)
     ax.set_yticks(range(len(rows)), rows)
+    # every value written in its cell, to 3 decimals: the colours alone do not give numbers
     for i in range(m.shape[0]):
         for j in range(m.shape[1]):
             if not np.isnan(m[i, j]):
+                # black on the diverging map, whose middle (small differences) is near white
                 ax.text(j, i, f"{m[i, j]:.3f}", ha="center", va="center", fontsize=8,
                         color="white" if not center else "black")
     ax.set_title(title)
-    plt.colorbar(im, ax=ax, fraction=0.046)
+    plt.colorbar(im, ax=ax, fraction=0.046)  # a narrow bar beside the image
 
 
 def plot_forgetting(runs: dict[str, dict], path: str | Path) -> Path:
     """Like the paper's Figures 4–6: forgetting matrices (rows: after training, cols: domain evaluated),
-    one per run, and their difference when there are two."""
+    one per run, and their difference when there are two.
+
+    `runs`: forgetting.json's "runs", {name: {"domains", "matrix"}}, in the order stages/continual.py
+    trains them ("without null-space", then "with null-space"), so the last panel is with − without.
+    Read below the diagonal: an earlier domain's loss after later ones trained, where forgetting shows."""
     path = Path(path)
     names = list(runs)
     panels = len(names) + (1 if len(names) == 2 else 0)
@@ -119,8 +179,10 @@ def plot_forgetting(runs: dict[str, dict], path: str | Path) -> Path:
         _heat(ax, f["matrix"], [f"after {d}" for d in f["domains"]], f["domains"], f"{name}: ungated val loss")
     if len(names) == 2:
         a, b = (runs[n]["matrix"] for n in names)
+        # second − first, cell by cell; a cell either run did not measure stays blank
         diff = [[None if x is None or y is None else y - x for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
-        f = runs[names[0]]
+        f = runs[names[0]]  # both runs train the same domains in the same order: one set of labels
+        # a centred red–blue map: blue (negative) is a loss the second run lowered
         _heat(axes[0][-1], diff, [f"after {d}" for d in f["domains"]], f["domains"],
               f"{names[1]} − {names[0]} (negative: {names[1]} better)", cmap="RdBu_r", center=True)
     return _save(fig, path)
@@ -129,12 +191,21 @@ def plot_forgetting(runs: dict[str, dict], path: str | Path) -> Path:
 def plot_subspaces(similarity, domains: list[str], spectra: dict[str, list[float]], orthogonality: dict[str, float],
                    path: str | Path) -> Path:
     """Like the paper's Figures 8–10: cross-domain similarity of the stacks' principal output subspaces,
-    singular-value spectra of the deltas, and orthogonality per projection type."""
+    singular-value spectra of the deltas, and orthogonality per projection type.
+
+    The arguments are forgetting.json's "analysis" (stages/continual.py's subspace_analysis):
+      similarity     [D, D]: max |cos| between two domains' top-K output directions (the largest singular
+                     value of V_aᵀ V_b), mean over layers; 1 on the diagonal, high off it = shared directions
+      spectra        {domain: singular values of its frozen deltas D [n, d_out]}, mean over every projection
+      orthogonality  {projection type: 1 − ‖δV‖/‖δ‖}, a later domain's delta against the basis it trained
+                     with, mean over layers and later domains; 1 = nothing written into protected space"""
     path = Path(path)
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(16, 4.4), dpi=110)
     _heat(a, [[float(v) for v in row] for row in similarity], domains, domains,
           "subspace similarity (max cosine, mean over layers)", cmap="magma")
     for name, s in spectra.items():
+        # log scale: singular values fall by orders of magnitude, and how steeply they fall says how
+        # few directions a stack writes into
         b.semilogy(range(1, len(s) + 1), s, "o-", ms=3, label=name)
     b.set_xlabel("singular value index")
     b.set_ylabel("singular value of the frozen deltas")
@@ -143,7 +214,7 @@ def plot_subspaces(similarity, domains: list[str], spectra: dict[str, list[float
     b.grid(alpha=0.3)
     names = list(orthogonality)
     c.bar(names, [orthogonality[n] for n in names])
-    c.set_ylim(0, 1.05)
+    c.set_ylim(0, 1.05)  # the whole range, with room to see a bar that reaches 1
     c.set_ylabel("1 − ‖Vᵀδ‖/‖δ‖")
     c.set_title("new stacks' orthogonality to earlier directions")
     c.tick_params(axis="x", rotation=30)
@@ -151,27 +222,38 @@ def plot_subspaces(similarity, domains: list[str], spectra: dict[str, list[float
 
 
 def _share_matrix(per_domain: dict[str, dict], domains: list[str], top: int = 6) -> tuple[list[str], list[list[float]]]:
-    """Rows: each domain's prompts; columns: the combinations that win most often overall."""
+    """Rows: each domain's prompts; columns: the combinations that win most often overall.
+
+    A combination's weight is its share summed over the domains (each domain counts the same, whatever
+    its n); the `top` heaviest are kept, so a row need not sum to 1, and a domain with no prompts
+    (shares {}) is a row of zeros."""
     totals: dict[str, float] = {}
     for d in domains:
         for c, s in per_domain[d]["shares"].items():
             totals[c] = totals.get(c, 0.0) + s
+    # 2^D − 1 combinations (and base) do not fit as readable columns; the heaviest few show the pattern
     cols = [c for c, _ in sorted(totals.items(), key=lambda kv: -kv[1])[:top]]
     return cols, [[per_domain[d]["shares"].get(c, 0.0) for c in cols] for d in domains]
 
 
 def plot_router(result: dict, path: str | Path) -> Path:
     """The router's training curves, the oracle's winning combinations per domain, and the routes the
-    trained router switches on for each domain's held-out prompts."""
+    trained router switches on for each domain's held-out prompts.
+
+    `result`: router.json's dict (stages/route.py): "history" (one record per epoch), "best_epoch",
+    "oracle" and "routes" ({domain: {"n", "shares"}}). Read the two heat maps together: a router that
+    learned its targets switches on what the oracle found best. Each map picks its own six columns."""
     path = Path(path)
     domains = result["domains"]
     fig, (a, b, c) = plt.subplots(1, 3, figsize=(17, 4.6), dpi=110)
     h = result["history"]
     epochs = [r["epoch"] for r in h]
+    # losses and scores share one axis; val BCE and the two dashed scores are what the epoch is chosen by
     a.plot(epochs, [r["train_loss"] for r in h], "o-", label="train loss (BCE + margin)")
     a.plot(epochs, [r["bce"] for r in h], "o-", label="val BCE")
     a.plot(epochs, [r["single_top1"] for r in h], "s--", label="val single top-1 (targets)")
     a.plot(epochs, [r["mixed_set_match"] for r in h], "s--", label="val mixed set match (targets)")
+    # against the domain labels, in grey: reported, never used to select (§6)
     a.plot(epochs, [r["label_top1"] for r in h], ":", color="grey", label="val top-1 against domain labels")
     a.axvline(result["best_epoch"], color="grey", ls=":", label="kept epoch")
     a.set_xlabel("epoch")
@@ -186,19 +268,26 @@ def plot_router(result: dict, path: str | Path) -> Path:
 
 
 def plot_eval(result: dict, path: str | Path) -> Path:
-    """Loss and task accuracy per domain in the three modes (base, ungated, routed)."""
+    """Loss and task accuracy per domain in the three modes (base, ungated, routed).
+
+    `result`: eval.json's dict (stages/evaluate.py), "results" keyed "mode/domain". One group of bars
+    per domain, one bar per mode; a value not measured (chat's accuracy, a block not evaluated yet) has
+    no bar. Read: where routed's bar stands against base's and ungated's, domain by domain (the report's
+    eval_finding counts it)."""
     import numpy as np
 
     path = Path(path)
     domains, modes = result["domains"], result["modes"]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), dpi=110)
     x = np.arange(len(domains))
-    width = 0.8 / len(modes)
+    width = 0.8 / len(modes)  # a domain's bars fill 80% of its slot: a gap between domains
     for k, metric in enumerate(("loss", "accuracy")):
         ax = axes[k]
         for i, mode in enumerate(modes):
             vals = [result["results"].get(f"{mode}/{d}", {}).get(metric) for d in domains]
-            ax.bar(x + (i - (len(modes) - 1) / 2) * width, [np.nan if v is None else v for v in vals], width, label=mode)
+            # offsets centre the group on the domain's tick; NaN draws no bar
+            ax.bar(x + (i - (len(modes) - 1) / 2) * width, [np.nan if v is None else v for v in vals], width,
+                   label=mode)
         ax.set_xticks(x, domains)
         ax.set_title("test loss (lower is better)" if metric == "loss"
                      else "task accuracy (code: HumanEval pass@1; chat: nothing checkable)")

@@ -1,8 +1,28 @@
 """`report.md`: what a run did, in numbers, figures and samples. Each stage contributes a section.
 
-Every sentence that compares or concludes is built from the numbers it compares (`_compare` and the
-counts below): a finding the run did not measure is never printed, and the paper's figure stands beside
-ours, whichever way the comparison goes.
+report.md sits in the run folder: a `# title`, then the sections in the caller's order (`write_report`;
+stages/demo.py writes one after every stage has run). Each section is a function of one results JSON
+only, so a report can be rebuilt from a finished folder without training anything:
+
+    section              reads (written by)                     shows
+    data_section         pretrain.json "data" (pretrain.py)     examples per split and domain, the corpus
+    pretrain_section     pretrain.json (pretrain.py)            the base: loss vs unigram entropy, samples
+    compare_section      compare.json (compare.py)              Exp 1, MoE-LoRA vs single LoRA (§1, §9)
+    boost_section        boost.json (boost.py)                  residual boosting rounds on chat (§3)
+    forgetting_section   forgetting.json (continual.py)         forgetting matrices, null-space (§4, §5)
+    router_section       RUN/router.json (route.py)             the oracle's targets and the router (§6)
+    eval_section         RUN/eval.json (evaluate.py)            base / ungated / routed (§7, §9 Exp 3)
+
+(§N: docs/brainstacks.md §N; writers in ministacks/stages/.) Each links its stage's figure (plots.py).
+
+The rule: every sentence that compares or concludes is built from the numbers it compares.
+  - the word is chosen from the numbers: `_compare` says "below" or "above" (or "equal to");
+  - a count is counted: checkpoints ahead, off-diagonal losses lowered, domains where routed beats base;
+  - a finding the run did not measure is never printed: one boosting round, no medical prompts, no
+    domain in all three modes each get a sentence that says so;
+  - the paper's number stands beside ours whichever way the comparison goes (report/paper.py holds
+    every one). A non-reproduction is stated by the two numbers and the word between them, never
+    explained away. Fixed text describes the method or quotes the paper, never one of the run's results.
 """
 
 from __future__ import annotations
@@ -20,14 +40,15 @@ def _compare(ours: float, theirs: float, lower: str, higher: str) -> str:
 
 
 def _fence(text: str) -> str:
-    # a completion may contain backticks; a longer fence keeps the markdown intact
-    return "````text\n" + text.rstrip() + "\n````"
+    return "````text\n" + text.rstrip() + "\n````"  # a completion may hold backticks: a longer fence
 
 
 def data_section(stats: dict) -> str:
+    """The examples per split of every domain and the general corpus, from pretrain.json's "data"
+    (the sizes data/general.py's `build_all` returns; "chars" counts a domain's text over all splits)."""
     rows = ["| domain | train | val | test | chars |", "|---|---:|---:|---:|---:|"]
     for domain, s in stats.items():
-        if isinstance(s, dict) and "train" in s:
+        if isinstance(s, dict) and "train" in s:  # a domain; not "general" (a sentence below), "cache" (a path)
             rows.append(f"| {domain} | {s['train']:,} | {s['val']:,} | {s['test']:,} | {s.get('chars', 0):,} |")
     general = stats.get("general", {})
     lines = ["## Data", "", *rows, ""]
@@ -38,13 +59,16 @@ def data_section(stats: dict) -> str:
 
 
 def pretrain_section(s: dict) -> str:
-    gap = s["unigram_entropy"] - s["val_loss"]
+    """The base model from pretrain.json: size, throughput, validation loss against the unigram entropy
+    H = −Σ p log p of the token frequencies, characters per token, and greedy samples per domain."""
+    gap = s["unigram_entropy"] - s["val_loss"]  # the unigram model ignores context: the gap is what it taught
     lines = [
         "## Pretraining from random initialisation",
         "",
         f"- model: {s['params']:,} parameters, vocabulary {s['vocab_size']:,} "
         f"({s['config']['model']['n_layer']} layers, d={s['config']['model']['d_model']})",
-        f"- tokens seen: {s['tokens_seen']:,} at {s['tokens_per_second']:,.0f} tokens/s ({s['train_seconds']:.0f} s of training)",
+        f"- tokens seen: {s['tokens_seen']:,} at {s['tokens_per_second']:,.0f} tokens/s "
+        f"({s['train_seconds']:.0f} s of training)",
         f"- **validation loss {s['val_loss']:.3f} nats/token** vs the corpus's unigram entropy "
         f"{s['unigram_entropy']:.3f} (a model that ignores context): {gap:+.3f} nats learned from context",
         "",
@@ -53,6 +77,7 @@ def pretrain_section(s: dict) -> str:
         "Tokenizer: characters per token on each domain's validation text — "
         + ", ".join(f"{d} {v:.2f}" for d, v in s["tokenizer"]["chars_per_token"].items()),
         "",
+        # 1.2: the paper's decoding setting (docs/brainstacks.md §7), PretrainConfig's default; text, not read
         "### Greedy samples per domain (held-out prompts; repetition penalty 1.2)",
         "",
     ]
@@ -64,16 +89,23 @@ def pretrain_section(s: dict) -> str:
 
 
 def write_report(out: str | Path, sections: list[str], title: str) -> Path:
+    """OUT/report.md: `# title`, then the sections joined by newlines; written atomically, so a kill
+    mid-write leaves the previous report whole. Returns its path."""
     path = Path(out) / "report.md"
     atomic_write_text(path, f"# {title}\n\n" + "\n".join(sections))
     return path
 
 
 def compare_section(c: dict) -> str:
-    p = c["paper"]
+    """Experiment 1 from compare.json (docs/brainstacks.md §9): parameters, final validation loss and
+    seconds per step of both arms beside the paper's, the step-time ratio, and at how many checkpoints
+    MoE-LoRA's validation loss is below the single LoRA's."""
+    p = c["paper"]  # report/paper.py's PAPER_EXP1, carried in compare.json
     moe, lora = c["moe"], c["lora"]
     ahead = sum(1 for (s, m), (_, l) in zip(moe["val_curve"][1:], lora["val_curve"][1:]) if m < l)
-    n = len(moe["val_curve"]) - 1
+    n = len(moe["val_curve"]) - 1  # step 0 is no checkpoint: both arms are the zero-init identity there
+    # the paper reports minutes for its 400-step runs (§9): per step, to sit beside our seconds per step;
+    # its 2.1× (20.2 / 9.5 min) and "8 of 8" (MoE below LoRA at every one of its checkpoints) are quoted
     return "\n".join([
         "## Experiment 1 — MoE-LoRA vs the parameter-matched single LoRA",
         "",
@@ -81,8 +113,10 @@ def compare_section(c: dict) -> str:
         "",
         "| | MoE-LoRA 4 × r16, top-2 | single LoRA r64 | paper MoE-LoRA | paper LoRA |",
         "|---|---:|---:|---:|---:|",
-        f"| parameters | {moe['params']:,} | {lora['params']:,} | {p['params']['moe'] / 1e6:.1f}M | {p['params']['lora'] / 1e6:.1f}M |",
-        f"| final validation loss | {moe['final']:.4f} | {lora['final']:.4f} | {p['moe'][-1]:.4f} | {p['lora'][-1]:.4f} |",
+        f"| parameters | {moe['params']:,} | {lora['params']:,} | {p['params']['moe'] / 1e6:.1f}M | "
+        f"{p['params']['lora'] / 1e6:.1f}M |",
+        f"| final validation loss | {moe['final']:.4f} | {lora['final']:.4f} | {p['moe'][-1]:.4f} | "
+        f"{p['lora'][-1]:.4f} |",
         f"| seconds per step | {moe['seconds_per_step']:.3f} | {lora['seconds_per_step']:.3f} | "
         f"{p['minutes']['moe'] * 60 / 400:.2f} | {p['minutes']['lora'] * 60 / 400:.2f} |",
         "",
@@ -95,12 +129,15 @@ def compare_section(c: dict) -> str:
 
 
 def boost_section(b: dict) -> str:
+    """Residual boosting from boost.json (docs/brainstacks.md §3): one table row per round (loss before,
+    best, gain = before − best, why it stopped), and round 2's best against round 1's beside the
+    paper's (round 2 best, 0.8531; round 3 worse)."""
     rows = ["| round | loss before | best | gain | stopped by |", "|---:|---:|---:|---:|---|"]
     for i, r in enumerate(b["rounds"]):
         rows.append(f"| {i + 1} | {r['pre_loss']:.4f} | {r['best_loss']:.4f} | {r['pre_loss'] - r['best_loss']:+.4f} "
                     f"| {r['stop_reason']} (step {r['best_step']} best of {r['steps_run']}) |")
     best = [r["best_loss"] for r in b["rounds"]]
-    if len(best) > 1:
+    if len(best) > 1:  # the paper's finding is about round 2: with one round there is nothing to compare
         finding = (f"Round 2's best ({best[1]:.4f}) is {_compare(best[1], best[0], 'below', 'above')} round 1's "
                    f"({best[0]:.4f}), a change of {best[1] - best[0]:+.4f}.")
     else:
@@ -120,6 +157,8 @@ def boost_section(b: dict) -> str:
 
 
 def _matrix_table(domains: list[str], matrix: list[list]) -> list[str]:
+    """A forgetting matrix as markdown rows: row i after training domain i, column j the loss on domain j;
+    None (a domain not trained yet, j > i) is shown as "–"."""
     rows = ["| after \\ on | " + " | ".join(domains) + " |", "|---|" + "---:|" * len(domains)]
     for d, row in zip(domains, matrix):
         rows.append(f"| {d} | " + " | ".join("–" if v is None else f"{v:.3f}" for v in row) + " |")
@@ -128,56 +167,68 @@ def _matrix_table(domains: list[str], matrix: list[list]) -> list[str]:
 
 def _off_diagonal(matrix: list[list]) -> list[float]:
     """The entries below the diagonal: an earlier domain's loss after a later domain was trained."""
+    # where forgetting shows; the diagonal, a domain's own loss just after training it, is not protected by
+    # null-space projection, which restricts the new stack and may cost it there (§5: code 0.788 → 0.819)
     return [v for i, row in enumerate(matrix) for j, v in enumerate(row) if j < i and v is not None]
 
 
 def capacity_lines(by_projection: dict) -> list[str]:
     """Per domain and projection type (q_proj, k_proj, ...): the largest protected share over layers, and
-    where the ns_max_share cap bound (fewer directions kept per earlier domain than asked)."""
+    where the ns_max_share cap bound (fewer directions kept per earlier domain than asked). Reads
+    forgetting.json's "capacity_by_projection", {domain: {layer name: {"protected", "d_out", "share",
+    "asked", "k_per_domain", "capped"}}} (training/nullspace.py's `capacity_by_projection`)."""
     if not by_projection:
         return []
-    rows = ["", "| protected share | " + " | ".join(PROJECTION_NAMES) + " |", "|---|" + "---:|" * len(PROJECTION_NAMES)]
+    rows = ["", "| protected share | " + " | ".join(PROJECTION_NAMES) + " |",
+            "|---|" + "---:|" * len(PROJECTION_NAMES)]
     capped = []
     for domain, layers in by_projection.items():
         cells = []
         for proj in PROJECTION_NAMES:
-            entries = [e for name, e in layers.items() if name.endswith(proj)]
+            entries = [e for name, e in layers.items() if name.endswith(proj)]  # "layers.3.self_attn.q_proj"
             if not entries:
                 cells.append("–")
                 continue
-            worst = max(entries, key=lambda e: e["share"])
+            worst = max(entries, key=lambda e: e["share"])  # not the mean: the fullest layer is where room ends
             cells.append(f"{worst['share']:.0%}" + (" (capped)" if any(e["capped"] for e in entries) else ""))
             if any(e["capped"] for e in entries):
                 capped.append(f"{domain} {proj}: {worst['asked']} of {worst['d_out']} asked, {worst['protected']} "
                               f"protected ({worst['k_per_domain']} per earlier domain)")
         rows.append(f"| {domain} | " + " | ".join(cells) + " |")
-    rows.append("")
+    rows.append("")  # a sentence either way: a cap that never bound means every layer kept the K asked
     rows.append("The capacity cap bound on " + "; ".join(capped) + "." if capped else
                 "The capacity cap did not bind on any projection.")
     return rows
 
 
 def forgetting_section(f: dict) -> str:
+    """The continual run from forgetting.json (docs/brainstacks.md §4, §5): each run's forgetting matrix,
+    with − without null-space and how many off-diagonal losses it lowered beside the paper's count, the
+    paper's matrices, and the protected capacity per domain (mean, then per projection type)."""
+    # one loss definition: the paper's Table 2 and its matrix use two, which reads as forgetting (§4)
     lines = ["## Continual domains and null-space projection", "",
              "Validation loss of every domain seen so far, all stacks on (ungated), after training each domain "
              "in curriculum order (one loss definition everywhere).", ""]
     for name, run in f["runs"].items():
         lines += [f"**{name}**", "", *_matrix_table(run["domains"], run["matrix"]), ""]
-    p = f["paper"]
-    if "difference" in f:
-        ours = _off_diagonal(f["difference"])
+    p = f["paper"]  # report/paper.py's PAPER_FORGETTING, carried in forgetting.json
+    if "difference" in f:  # both runs trained (the demo's compare_nullspace)
+        ours = _off_diagonal(f["difference"])  # with − without: negative where null-space lowered the loss
+        # the paper's with − without, as ours; its curriculum differs, so the counts compare, not the cells
         paper = _off_diagonal([[None if x is None or y is None else y - x for x, y in zip(a, b)]
                                for a, b in zip(p["without null-space"], p["with null-space"])])
         lines += ["**with − without** (negative: null-space helped)", "",
                   *_matrix_table(f["domains"], f["difference"]), "",
                   f"Null-space projection lowered {sum(v < 0 for v in ours)} of the {len(ours)} cross-domain "
-                  f"(off-diagonal) losses here; in the paper it lowered {sum(v < 0 for v in paper)} of {len(paper)}.", ""]
-    lines += ["The paper's numbers (TinyLlama, its curriculum chat → code → medical → math; without → with null-space):",
+                  f"(off-diagonal) losses here; in the paper it lowered {sum(v < 0 for v in paper)} "
+                  f"of {len(paper)}.", ""]
+    lines += ["The paper's numbers (TinyLlama, its curriculum chat → code → medical → math; "
+              "without → with null-space):",
               "", "| after \\ on | " + " | ".join(p["domains"]) + " |", "|---|" + "---:|" * len(p["domains"])]
     for d, a, b in zip(p["domains"], p["without null-space"], p["with null-space"]):
-        cells = ["–" if x is None else f"{x:.3f} → {y:.3f}" for x, y in zip(a, b)]
+        cells = ["–" if x is None else f"{x:.3f} → {y:.3f}" for x, y in zip(a, b)]  # one cell a pair, as §5
         lines.append(f"| {d} | " + " | ".join(cells) + " |")
-    if f.get("capacity"):
+    if f.get("capacity"):  # K per earlier domain adds up: the last domains may find little room left
         lines += ["", "Directions protected while training each domain, as a share of a projection's outputs "
                   "(mean over projections; the paper's capacity argument: each domain claims 64 of 3840 on Gemma): "
                   + ", ".join(f"{d} {v:.1%}" for d, v in f["capacity"].items()) + "."]
@@ -190,22 +241,29 @@ def forgetting_section(f: dict) -> str:
 
 
 def _pct(v) -> str:
+    """A share as a whole percentage, "–" for None."""
     return "–" if v is None else f"{v:.0%}"
 
 
 def _shares_row(o: dict) -> str:
+    """The five most frequent combinations and their shares ("chat+math 60%, base 20%, ..."); `o["shares"]`
+    comes largest first (routing/oracle.py's `shares`), so the first five are the top five."""
     return ", ".join(f"{c} {v:.0%}" for c, v in list(o["shares"].items())[:5])
 
 
 def oracle_finding(r: dict) -> str:
-    """The paper's medical finding beside ours, in a sentence built from both numbers."""
-    paper = r["paper"]["oracle"]["medical"]
+    """The paper's medical finding beside ours, in a sentence built from both numbers.
+    router.json's "paper" holds the paper's shares (docs/brainstacks.md §6: chat+math on 32 of 33 medical
+    prompts), its "oracle" ours. The sentence names both winners, says whether they are the same, and
+    gives the share the paper's winner got here."""
+    paper = r["paper"]["oracle"]["medical"]  # report/paper.py's PAPER_ORACLE
     paper_combo, paper_share = max(paper.items(), key=lambda kv: kv[1])
     o = r["oracle"].get("medical")
-    if not o or not o["n"]:
-        return f"The paper found medical prompts best served by {paper_combo} in {paper_share:.0%} of cases; this run has no medical prompts to compare."
-    ours_combo, ours_share = next(iter(o["shares"].items()))
-    same = o["shares"].get(paper_combo, 0.0)
+    if not o or not o["n"]:  # no medical domain, or no medical prompt kept: nothing to set beside the paper
+        return (f"The paper found medical prompts best served by {paper_combo} in {paper_share:.0%} of cases; "
+                "this run has no medical prompts to compare.")
+    ours_combo, ours_share = next(iter(o["shares"].items()))  # largest first: our most frequent winner
+    same = o["shares"].get(paper_combo, 0.0)  # the paper's winner may never win here: 0%, said as such
     verdict = "the same winner" if ours_combo == paper_combo else "a different winner"
     return (f"The paper found medical prompts best served by {paper_combo} in {paper_share:.0%} of cases (32 of 33). "
             f"Here the most frequent winner on the {o['n']} medical prompts is {ours_combo} ({ours_share:.0%}), "
@@ -214,9 +272,12 @@ def oracle_finding(r: dict) -> str:
 
 def router_section(r: dict, figure: str) -> str:
     """The router's scores, the oracle's winning combinations per domain (beside the paper's finding),
-    and the routes the trained router takes. `figure`: router.png's path relative to the report."""
+    and the routes the trained router takes. `figure`: router.png's path relative to the report. Reads
+    RUN/router.json (stages/route.py). Two kinds of score, kept apart: against the oracle's targets
+    (what the router is trained and its epoch selected on) and against the prompts' domain labels."""
     n = r["n_prompts"]
-    floor = r.get("oracle_chat_floor")
+    floor = r.get("oracle_chat_floor")  # None: the oracle ran without the chat floor (oracle.py's oracle_floor)
+    # the selection weights and the inference rule below are the paper's (§6) as text, not read from the run
     lines = ["## Meta-router: which stacks a prompt needs", "",
              f"Trained on {n['single']} single-domain prompts (targets from the oracle's outcomes) and {n['mixed']} "
              f"mixed-domain prompts (multi-hot labels: {', '.join(r['mixed_kinds'])}); {n['train']} train / "
@@ -230,13 +291,17 @@ def router_section(r: dict, figure: str) -> str:
              "**The oracle's best combination of stacks**, share of each domain's prompts (the base alone = `base`"
              + (f"; every combination runs chat at ≥ {floor}, as inference does" if floor else "") + "). "
              + oracle_finding(r), ""]
+    # one column per search: after an exhaustive one, also the released code's greedy search on the same
+    # losses (route.py's searches_compared); a router.json without "oracle_by_search" gets one from "oracle"
     searches = r.get("oracle_by_search", {})
     header = " | ".join(f"{s} search" for s in searches) or "winning combinations"
     lines += [f"| prompts | n | {header} |", "|---|---:|" + "---|" * max(1, len(searches))]
     for d, o in r["oracle"].items():
         cells = [_shares_row(searches[s][d]) for s in searches] or [_shares_row(o)]
         lines.append(f"| {d} | {o['n']} | " + " | ".join(cells) + " |")
-    lines += ["", "**What the router switches on** for held-out prompts (inference rule: chat ≥ 0.2, p ≤ 0.12 off):", "",
+    # what the trained router does on its held-out prompts, as routing_weights switches stacks on
+    lines += ["", "**What the router switches on** for held-out prompts "
+              "(inference rule: chat ≥ 0.2, p ≤ 0.12 off):", "",
               "| prompts | n | switched-on stacks |", "|---|---:|---|"]
     for d, o in r["routes"].items():
         lines.append(f"| {d} | {o['n']} | " + _shares_row(o) + " |")
@@ -249,17 +314,20 @@ def _accuracy_cell(x: dict) -> str:
     acc, n = x.get("accuracy"), x.get("n_generated", 0)
     if acc is None or not n:
         return "–"
-    low, high = wilson_interval(round(acc * n), n)
+    # an interval, because n is small (20 answers by default) and a share alone reads as exact; Wilson's,
+    # because the accuracies sit near 0%, where p̂ ± z·se collapses to [0%, 0%] (evaluation/tasks.py)
+    low, high = wilson_interval(round(acc * n), n)  # acc was stored as k/n: round(acc * n) is k again
     return f"{acc:.0%} [{low:.0%}–{high:.0%}] of {n}"
 
 
 def eval_table(e: dict) -> list[str]:
     """Test loss and task accuracy per domain in each mode (code: HumanEval pass@1), as markdown table rows."""
-    modes = e["modes"]
-    rows = ["| domain | " + " | ".join(f"loss {m}" for m in modes) + " | " + " | ".join(f"acc {m}" for m in modes) + " |",
+    modes = e["modes"]  # losses first, then accuracies: the modes of one metric side by side
+    rows = ["| domain | " + " | ".join(f"loss {m}" for m in modes) + " | "
+            + " | ".join(f"acc {m}" for m in modes) + " |",
             "|---|" + "---:|" * (2 * len(modes))]
     for d in e["domains"]:
-        res = [e["results"].get(f"{m}/{d}", {}) for m in modes]
+        res = [e["results"].get(f"{m}/{d}", {}) for m in modes]  # a block not evaluated yet: {}, shown "–"
         losses = [f"{x['loss']:.3f}" if "loss" in x else "–" for x in res]
         rows.append(f"| {d} | " + " | ".join(losses) + " | " + " | ".join(_accuracy_cell(x) for x in res) + " |")
     return rows
@@ -270,11 +338,11 @@ def code_lines(e: dict) -> str:
     cells = [(m, e["results"].get(f"{m}/code", {})) for m in e["modes"]]
     lines = []
     he = [(m, x["humaneval"]) for m, x in cells if x.get("humaneval")]
-    if he:
+    if he:  # n_fit < n says how much of a 0% is problems too long for the context to be asked
         lines.append("HumanEval problems whose prompt fits the context (asked): "
                      + ", ".join(f"{m} {h['n_fit']} of {h['n']}" for m, h in he) + ".")
     checked = [(m, x) for m, x in cells if x.get("format_ok") is not None]
-    if checked:
+    if checked:  # the stdlib split has no unit tests: the check is spelled out, not to be read as accuracy
         lines.append("Code, stdlib test split, **format check only** (the answer parses and defines the requested "
                      "name and parameters; it is never called, so `return 42` passes): "
                      + ", ".join(f"{m} {x['format_ok']:.0%} of {x['n_format_checked']}" for m, x in checked) + ".")
@@ -285,11 +353,11 @@ def eval_finding(e: dict) -> str:
     """How routed mode's test loss stands to base and ungated, domain by domain, counted from eval.json."""
     rows = [(d, e["results"].get(f"base/{d}", {}).get("loss"), e["results"].get(f"ungated/{d}", {}).get("loss"),
              e["results"].get(f"routed/{d}", {}).get("loss")) for d in e["domains"]]
-    rows = [r for r in rows if None not in r]
+    rows = [r for r in rows if None not in r]  # only domains in all three modes: one n for both counts
     if not rows:
         return "No domain was evaluated in all three modes."
-    below_base = [d for d, b, u, r in rows if r < b]
-    below_ungated = [d for d, b, u, r in rows if r < u]
+    below_base = [d for d, b, u, r in rows if r < b]  # the stacks help at all
+    below_ungated = [d for d, b, u, r in rows if r < u]  # routing beats switching every stack on
     return (f"Routed test loss is below the base's on {len(below_base)} of {len(rows)} domains"
             + (f" ({', '.join(below_base)})" if below_base else "")
             + f" and below ungated's on {len(below_ungated)} of {len(rows)}"
@@ -297,7 +365,11 @@ def eval_finding(e: dict) -> str:
 
 
 def eval_section(e: dict, figure: str) -> str:
-    n_gen = e["config"]["n_generate"]
+    """Base, ungated and routed from RUN/eval.json (stages/evaluate.py; docs/brainstacks.md §7, §9 Exp 3):
+    what is scored, the loss and accuracy table, the code lines, the mean routed weights, the counted
+    finding, the paper's Table 4 for scale, and the same prompts answered in the three modes.
+    `figure`: eval.png's path relative to the report."""
+    n_gen = e["config"]["n_generate"]  # the EvalConfig the run was evaluated with
     lines = ["## Base, ungated and routed (the paper's Table 4 and §5.3)", "",
              f"Test split of each domain: loss over {e['config']['n_loss']} examples; accuracy of greedy answers to "
              f"the first {n_gen} (math: the `####` number; reasoning: the final answer; medical: the ICD code, or "
@@ -306,18 +378,19 @@ def eval_section(e: dict, figure: str) -> str:
              "the context counts as failed. Each accuracy is shown with its 95% Wilson interval and n.", "",
              *eval_table(e), "", code_lines(e), ""]
     if e.get("routes"):
-        lines += ["Mean routed weight per domain's test prompts:", "",
+        lines += ["Mean routed weight per domain's test prompts:", "",  # column: the weight of a domain's stacks
                   "| prompts | " + " | ".join(e["domains"]) + " |", "|---|" + "---:|" * len(e["domains"])]
         for d, r in e["routes"].items():
             lines.append(f"| {d} | " + " | ".join(f"{r['mean_weight'][x]:.2f}" for x in e["domains"]) + " |")
         lines.append("")
+    # the paper's benchmarks are not ours: quoted for scale, with its own count, never compared with ours
     lines += [eval_finding(e), "",
               "The paper's Table 4 (Gemma 3 12B, zero-shot benchmarks, base → routed), for scale; it is not measured "
               "here: " + ", ".join(f"{k} {a:.3f} → {b:.3f}" for k, (a, b) in e["paper_table4"].items())
               + f" (routed above base on {sum(b > a for a, b in e['paper_table4'].values())} of "
               f"{len(e['paper_table4'])}).", "",
               f"![evaluation]({figure})", "", "### The same prompts in the three modes", ""]
-    for s in e["samples"]:
+    for s in e["samples"]:  # the paper's three-panel comparison: each mode's answer and the weights it ran
         lines += [f"**{s['label']}**", "", _fence(s["prompt"]), ""]
         for mode, a in s["answers"].items():
             lines += [f"*{mode}* ({a['weights']}):", "", _fence(a["completion"] or "(empty)"), ""]

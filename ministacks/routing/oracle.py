@@ -80,7 +80,7 @@ class ComboLosses:
         empty = int((data.scored == 0).sum())
         if empty:  # its loss would be 0 under every combination, and the base would "win" it
             raise ValueError(f"{empty} example(s) have no scored token (the answer does not fit in the context): "
-                             "leave them out (see routing.answerable)")
+                             "leave them out (see stages.route.answerable)")
         self.model, self.data, self.chat_floor = model, data, chat_floor
         self.table: dict[tuple[str, ...], torch.Tensor] = {}  # combination -> [N]
 

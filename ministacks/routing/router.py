@@ -40,7 +40,7 @@ Inference rule (docs/brainstacks.md §6): p_chat = max(p_chat, 0.20); every doma
 p_d; the others are skipped entirely (stacks.SKIP_THRESHOLD), so a switched-off domain costs nothing.
 
 This file holds the network, its features, its loss, its training loop and the inference rule; where
-the targets come from is oracle.py, and the stage that puts it all together on a run is routing.py.
+the targets come from is oracle.py, and the stage that puts it all together on a run is stages/route.py.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def _layers(model: nn.Module) -> list[tuple[str, StackedLinear]]:
     """(module path, layer) of every StackedLinear, in module order (the order of the tensor keys)."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, StackedLinear)]
     if not layers:
-        raise ValueError("the model has no stacked layers: call stacks.inject_stacks(model) first")
+        raise ValueError("the model has no stacked layers: call stacks.layer.inject_stacks(model) first")
     return layers
 
 
@@ -193,7 +193,7 @@ def save_stack(run: str | Path, model: nn.Module, domain: str, round: int, kind:
     for path, layer, ref in _reference_adapters(model, kind, adapter_cfg):
         if domain not in layer.stacks:
             raise ValueError(f"layer {path} has no frozen stack of domain {domain!r}: "
-                             f"freeze one with stacks.freeze_active(model, {domain!r}) before saving")
+                             f"freeze one with stacks.layer.freeze_active(model, {domain!r}) before saving")
         stack = layer.stacks[domain]
         if not -len(stack) <= index < len(stack):
             raise ValueError(f"layer {path} has {len(stack)} frozen stack(s) of {domain!r}, no index {index}")

@@ -30,10 +30,12 @@ def run_boost(preset: Preset, out: str | Path, progress: bool = True, domain: st
     out = Path(out)
     ensure_base(preset, out, progress)
     path = out / "boost.json"
-    if path.is_file():
+    if path.is_file():  # boosting runs as one unit: a finished boost.json is the result
         return read_json(path)
     model, tok = prepared_base(preset, out)
     train, val = domain_data(preset, tok, domain, preset.stack)
+    # the loop the continual run uses, with its stop rule; each round's stack stays frozen in `model` under
+    # `domain`, so round r trains on top of rounds 1..r-1: what makes the boosting residual
     rounds = boost_domain(model, domain, make_adapter("moe", preset.adapter), train,
                           lambda: example_loss(model, val), preset.stack, preset.boost, progress=progress)
     result = {

@@ -29,6 +29,7 @@ def add_args(p) -> None:
 
 def main(args) -> int:
     sr = load_run(args.run, args.preset)
+    # before `route` has run there is no router: the session answers with every stack on instead
     mode: str | dict = "routed" if sr.router is not None else "ungated"
     print(f"run {sr.paths.run}: stacks for {', '.join(sr.domains)}; "
           + ("router loaded" if sr.router is not None else "no router yet (`route` first): ungated") + ".")
@@ -71,5 +72,5 @@ def main(args) -> int:
                 print(f"unknown command {cmd}; /help lists them")
             else:
                 answer(sr, line, mode, args.max_new_tokens)
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, FileNotFoundError) as e:  # a mistyped line must not end the session
             print(f"error: {e}")

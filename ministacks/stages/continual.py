@@ -23,7 +23,7 @@ from ..io import atomic_write_json, load_tensors
 from ..presets import Preset, preset_record
 from ..report.paper import PAPER_FORGETTING
 from ..report.plots import plot_forgetting, plot_subspaces
-from ..run import prepared_base
+from ..run import load_run, prepared_base
 from ..stacks.store import load_all_stacks
 from ..stacks.manifest import new_manifest, read_manifest, write_manifest
 from ..training.continual import check_domains, train_domains
@@ -49,19 +49,27 @@ def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None
     if cc.steps is not None:  # the continual run's own steps per round
         preset = replace(preset, stack=replace(preset.stack, steps=cc.steps))
     ensure_base(preset, out, progress)
+    # the base as every stack of this run sees it: NF4 first if the preset says so, then wrapped
     model, tok = prepared_base(preset, out)
     config = preset_record(preset)  # the whole Preset: route and eval read the run's settings from here
     manifest = read_manifest(run)
     if manifest is None:
+        # written before any training, so a kill in the first round still leaves a run that says what it is
         manifest = new_manifest(model, tok, list(cc.domains), config)
         manifest["done"] = []
         write_manifest(run, manifest)
     elif any(manifest["config"].get(k) != config[k] for k in RESUME_KEYS):
+        # resuming under other settings would mix stacks trained two ways in one run
         raise ValueError(f"{run} holds a run with a different configuration; use another --out, or delete it")
-    load_all_stacks(run, model, manifest, strict=True)  # a damaged stack: DamagedStacksError, with the repair
+    # the stacks already trained go back on the model, so the next round trains on top of them exactly
+    # as it would have without the interruption (a damaged one: DamagedStacksError, naming the repair)
+    load_all_stacks(run, model, manifest, strict=True)
 
+    # every domain's data once, up front: the forgetting row after each domain evaluates all earlier ones
     data = {d: domain_data(preset, tok, d, preset.stack) for d in cc.domains}  # (PackedExamples, ExampleSet)
-    ns_cfg = replace(preset.stack, max_val_examples=cc.ns_examples)  # the directions' own example count
+    # the null-space directions are measured on their own (usually larger) sample of validation examples,
+    # the paper's n = 200 (docs/brainstacks.md §5), independent of how many the round's evaluations use
+    ns_cfg = replace(preset.stack, max_val_examples=cc.ns_examples)
     ns_data = {d: domain_val(preset, tok, d, ns_cfg) for d in cc.domains} if cc.nullspace else {}
     manifest = train_domains(model, run, manifest, data, ns_data, cc, preset.stack, preset.adapter, preset.boost,
                              progress=progress)
@@ -80,19 +88,19 @@ def _mean(values) -> float:
 def subspace_analysis(preset: Preset, out: str | Path, run: str | Path | None = None) -> dict:
     """Cross-domain similarity of the stacks' principal output subspaces, their singular-value spectra,
     and how orthogonal each later domain's stacks are to the directions they were kept out of."""
-    out = Path(out)
-    run = Path(run) if run is not None else out
-    manifest = read_manifest(run)
-    if manifest is None:
-        raise FileNotFoundError(f"no trained run in {run}: run `python -m ministacks train --out {run}` first")
-    model, tok = prepared_base(preset, out)
-    load_all_stacks(run, model, manifest, strict=True)
+    run = Path(run) if run is not None else Path(out)
+    sr = load_run(run, preset, router=False)  # the base beside the run (out), every stack, checked
+    model, tok, manifest, preset = sr.model, sr.tok, sr.manifest, sr.preset
     domains = [d for d in manifest["domains"] if d in manifest.get("done", [])]
     cc = preset.continual
     ns_cfg = replace(preset.stack, max_val_examples=cc.ns_examples)
     data = {d: domain_val(preset, tok, d, ns_cfg) for d in domains}
+    # each domain's own principal output directions (K per projection), with every stack finished: the
+    # similarity panel compares how much two domains' stacks write into the same directions
     bases = domain_bases(model, data, cc.ns_k)
     spectra = {d: singular_spectra(model, data[d], [d], k=cc.ns_k) for d in domains}
+    # how little each later domain's stacks write into the directions it was kept out of (1 = nothing),
+    # against the stored basis it trained with, per projection, averaged over the domains
     orth: dict[str, list[float]] = {}
     for d in domains[1:]:
         path = run / "bases" / f"{d}.safetensors"
@@ -113,6 +121,9 @@ def train_stage(preset: Preset, out: str | Path, compare_nullspace: bool = False
     out = Path(out)
     cc = preset.continual
     if compare_nullspace:
+        # the ablation: the same base, data and rounds, once without and once with the projection; each
+        # stack gets the same seed in both runs (training/sft.py's stack_seed), so the difference of the
+        # two matrices is the projection's effect, not a different draw
         runs, capacity, capacity_by_proj = {}, {}, {}
         for name, ns in (("without null-space", False), ("with null-space", True)):
             folder = out / ("nullspace" if ns else "no_nullspace")
@@ -136,6 +147,7 @@ def train_stage(preset: Preset, out: str | Path, compare_nullspace: bool = False
     result["capacity"] = capacity  # per domain: protected directions as a share of d_out, mean over projections
     # per domain, per projection: {"protected", "d_out", "share", "asked", "k_per_domain", "capped"} (nullspace.py)
     result["capacity_by_projection"] = capacity_by_proj
+    # the figures analyse the run with the projection when there are two: it is the one route and eval use
     result["analysis"] = subspace_analysis(preset, out, analysis_run)
     result["paper"] = PAPER_FORGETTING
     atomic_write_json(out / "forgetting.json", result)

@@ -12,7 +12,9 @@ HELP = "build the domain corpora and print their sizes"
 
 
 def stage_data(preset: Preset, progress: bool = True) -> dict:
-    """Every corpus the preset's DataConfig asks for, built once and read from the cache after that."""
+    """Every corpus the preset's DataConfig asks for, built once and read from the cache after that.
+
+    Returns the sizes per domain and split: what `data` prints and report.md's data section shows."""
     return build_all(preset.data, progress=progress)
 
 

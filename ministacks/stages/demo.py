@@ -34,11 +34,13 @@ def add_args(p) -> None:
 def main(args) -> int:
     preset, out, progress = get_preset(args.preset), writable_folder(args.out), not args.no_progress
     t0 = time.time()
+    # each call returns at once with the stage's JSON when that stage already finished in `out`
     summary = stage_pretrain(preset, out, progress=progress)
     compare = run_compare(replace(preset, quant="nf4"), out, progress=progress)  # Exp 1 is on the 4-bit base
     boost = run_boost(preset, out, progress=progress)
     forgetting = train_stage(preset, out, compare_nullspace=True, progress=progress)
     run = out / "nullspace"  # the router and the evaluation work on the run with null-space projection
+    # the demo's own Preset, not a name: route and eval check it against the run's record, then use it
     router = route_stage(run, preset, progress=progress)
     evaluation = eval_stage(run, preset, progress=progress)
     sections = [

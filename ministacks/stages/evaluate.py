@@ -57,12 +57,18 @@ HELP = "base / ungated / routed: test loss and task accuracy per domain"
 def mean_loss(sr: StackedRun, examples: list, cfg, on: StacksOn = StacksOn.ungated(),
               weights: list[dict[str, float]] | None = None) -> float:
     """Token-weighted mean loss of `examples` with the stacks `on`; with `weights` instead, example i runs
-    alone with weights[i] (routed mode: every prompt has its own route)."""
+    alone with weights[i] (routed mode: every prompt has its own route).
+
+        loss = Σ_i n_i · ℓ_i / Σ_i n_i        ℓ_i example i's mean CE, n_i its scored tokens
+
+    which is example_loss's definition, the validation loss of training and of the forgetting matrix."""
     if weights is None:
         data = ExampleSet(sr.tok, examples, cfg.completion_only, max_len=cfg.seq_len, batch_size=cfg.eval_batch_size)
         with stacks_on(sr.model, on):
             losses = example_losses(sr.model, data)
     else:
+        # Batch size 1: a forward runs the whole model under one StacksOn, so two prompts with different
+        # routes cannot share a batch; before_batch sets each prompt's own weights before its forward.
         data = ExampleSet(sr.tok, examples, cfg.completion_only, max_len=cfg.seq_len, batch_size=1)
         with stacks_on(sr.model, StacksOn.ungated()):  # whatever the batches set is undone after the block
             losses = example_losses(sr.model, data, before_batch=lambda rows: set_stacks(
@@ -71,16 +77,23 @@ def mean_loss(sr: StackedRun, examples: list, cfg, on: StacksOn = StacksOn.ungat
 
 
 def _routes(sr: StackedRun, texts: list[str]) -> list[dict[str, float]]:
+    """The inference rule's weights (routing_weights) for every raw prompt, as routed generation uses them."""
     return [routing_weights(p, sr.router.cfg) for p in sr.probabilities(texts)]
 
 
 def _route_summary(domains: tuple[str, ...], weights: list[dict[str, float]]) -> dict:
+    """Each domain's mean weight over the prompts (0 where it was off) and the share of each switched-on set."""
     return {"mean_weight": {d: sum(w.get(d, 0.0) for w in weights) / max(1, len(weights)) for d in domains},
             "shares": shares([combo_name([d for d in domains if d in w]) for w in weights])}
 
 
 def _key(sr: StackedRun, cfg: EvalConfig) -> str:
-    """eval.json's cache key: the stacks' content, the router's weights and settings, the evaluation's settings."""
+    """eval.json's cache key: the base and stacks' content, the router's weights and settings, the EvalConfig.
+
+    The router's checksum (its tensor file's sha256) is in it because `route`, run again, writes a new
+    router under the same names: without it, blocks measured with the old router would be reused as the
+    new one's. Any change discards the whole file, base and ungated blocks too (one key, rather than
+    one per block keyed by what that block depends on)."""
     router = sr.paths.run / ROUTER_DIR
     return content_key(sr.paths.run, sr.manifest, file_sha256(router / "model.safetensors"),
                        read_json(router / "config.json"), asdict(cfg))
@@ -93,11 +106,12 @@ def eval_stage(path: str | Path, preset: Preset | str | None = None, progress: b
     The run's own Preset is used (run.run_preset), with `preset`'s evaluation settings if one is given;
     `cfg` replaces the EvalConfig outright."""
     sr = load_run(path, preset)
-    if sr.router is None:
+    if sr.router is None:  # routed mode needs it, and eval.json always holds all three modes
         raise FileNotFoundError(f"no router in {sr.paths.run}: run `python -m ministacks route --run {path}` first")
     cfg = cfg or sr.preset.eval
     out = sr.paths.run / "eval.json"
     key = _key(sr, cfg)
+    # the same key: a killed evaluation's finished blocks are kept and only the rest run
     result = read_json(out) if out.is_file() else {}
     if result.get("key") != key:
         result = {"key": key, "domains": list(sr.domains), "modes": list(MODES), "config": asdict(cfg),
@@ -109,10 +123,15 @@ def eval_stage(path: str | Path, preset: Preset | str | None = None, progress: b
     bar = tqdm(todo, desc="eval", disable=not progress, leave=False)
     for mode, domain in bar:
         bar.set_postfix_str(f"{domain} {mode}")
+        # The test split: the stacks trained on train, the guard, the router's prompts and its epoch
+        # selection read val, so these are the only examples nothing in the run was fitted or chosen on.
         test = load_split(domain, "test", sr.preset.data)
+        # the first n of a fixed order: every mode is measured on the same examples
         loss_set, gen_set = test[: cfg.n_loss], test[: cfg.n_generate]
         routes, on = None, StacksOn.ungated()
-        if mode == "routed":  # every prompt routed on its own, from its raw text
+        # Routed: every prompt routed on its own, from its raw text, as at inference. Both sets are
+        # prefixes of `test`, so routes[i] serves example i for the loss and for the answer alike.
+        if mode == "routed":
             routes = _routes(sr, [raw_prompt(ex) for ex in test[: max(cfg.n_loss, cfg.n_generate)]])
             result["routes"][domain] = _route_summary(sr.domains, routes[: len(loss_set)])
         else:
@@ -122,9 +141,11 @@ def eval_stage(path: str | Path, preset: Preset | str | None = None, progress: b
         result["results"][f"{mode}/{domain}"] = entry
         result["seconds"][f"{mode}/{domain}"] = time.time() - t0
         t0 = time.time()
-        atomic_write_json(out, result)  # each finished block survives a kill
+        # Written after every block: a block is many generations (and HumanEval's test runs), so a kill
+        # costs at most the block in progress, and the rerun resumes at the next one (todo, above).
+        atomic_write_json(out, result)
     bar.close()
-    if not result["samples"]:
+    if not result["samples"]:  # empty in a fresh result: the side-by-side panel is made once per key
         result["samples"] = side_by_side(sr, cfg)
         atomic_write_json(out, result)
     plot_eval(result, sr.paths.run / "eval.png")
@@ -132,7 +153,9 @@ def eval_stage(path: str | Path, preset: Preset | str | None = None, progress: b
 
 
 def fits(sr: StackedRun, prompt: str, room: int) -> bool:
-    """Does `prompt` leave at least `room` tokens of the model's context to answer in?"""
+    """Does `prompt` leave at least `room` tokens of the model's context to answer in?
+
+    It depends on the prompt and the model only, so every mode skips the same prompts."""
     return len(sr.tok.encode(prompt, bos=True)) + room <= sr.model.cfg.max_seq_len
 
 
@@ -140,12 +163,19 @@ def _scores(sr: StackedRun, domain: str, examples: list, mode: str, routes: list
     """tasks.score of a greedy answer to every example whose prompt leaves room to answer in the context."""
     if not examples:
         return []
+    # room for an answer as long as the longest reference (+ 8), rather than max_new_tokens on every
+    # prompt, which would spend its time generating past the length of any reference answer
     budget = min(cfg.max_new_tokens, max(len(sr.tok.encode(ex.response)) for ex in examples) + 8)
     scores = []
     for i, ex in enumerate(examples):
+        # A prompt that leaves no room to answer is not asked: its answer would be cut off by the context,
+        # not by the model, and scoring it would count the context limit as a wrong answer. It is left out
+        # of n_generated, in every mode alike (fits depends on the prompt alone).
         if not fits(sr, ex.prompt(), 8):
-            continue  # a prompt that leaves no room to answer in the model's context is not asked
+            continue
         m = routes[i] if mode == "routed" else mode  # the routes of the first examples (same order)
+        # the route is given, not recomputed; the model sees the templated prompt, greedy with the paper's
+        # repetition penalty (docs/brainstacks.md §7)
         gen = sr.generate(raw_prompt(ex), m, max_new_tokens=budget, prompt=ex.prompt(),
                           repetition_penalty=cfg.repetition_penalty)
         scores.append(score(domain, ex, gen["completion"], code_timeout=cfg.code_timeout))
@@ -159,6 +189,7 @@ def _accuracy(sr: StackedRun, domain: str, examples: list, mode: str, routes: li
     if domain == "chat":
         return {"accuracy": None, "n_generated": 0}
     scores = _scores(sr, domain, examples, mode, routes, cfg)
+    # code: the stdlib answers only show whether they have the right form; correctness is HumanEval's
     if domain == "code":
         formats = [s["format_ok"] for s in scores]
         return {**_humaneval(sr, mode, cfg), "format_ok": sum(formats) / len(formats) if formats else None,
@@ -185,10 +216,15 @@ def _humaneval(sr: StackedRun, mode: str, cfg: EvalConfig) -> dict:
     asked = [i for i, p in enumerate(problems)
              if fits(sr, prompts[i], len(sr.tok.encode(p.canonical_solution)))]
     weights = _routes(sr, [raw_prompt(examples[i]) for i in asked]) if mode == "routed" and asked else None
-    outcomes: list[bool | None] = [None] * len(problems)  # None: not asked, a failure in pass@1
+    # None: not asked, and a failure in pass@1. pass@1 stays over every problem of the run, so that it
+    # compares across modes and with published numbers; dropping the problems that do not fit would
+    # make the denominator depend on the model's context length.
+    outcomes: list[bool | None] = [None] * len(problems)
     for j, i in enumerate(asked):
         room = sr.model.cfg.max_seq_len - len(sr.tok.encode(prompts[i], bos=True))
-        # the whole room is the budget: function_body cuts the answer where the function ends
+        # The whole room is the budget: function_body cuts the answer where the function ends. No repetition
+        # penalty by default (humaneval_repetition_penalty 1.0): HumanEval's pass@1 is plain greedy (Chen et
+        # al. 2021), and a penalty would punish every indent and repeated variable name code is made of.
         gen = sr.generate(raw_prompt(examples[i]), weights[j] if mode == "routed" else mode, max_new_tokens=room,
                           prompt=prompts[i], repetition_penalty=cfg.humaneval_repetition_penalty)
         body = humaneval.function_body(gen["completion"])

@@ -34,7 +34,9 @@ def add_args(p) -> None:
 
 
 def main(args) -> int:
-    weights = parse_weights(args.weights) if args.weights is not None else None  # before the (slow) load
+    # a typo in --weights is an error before the base and the stacks load, not after
+    weights = parse_weights(args.weights) if args.weights is not None else None
+    # the router is loaded only where the answer routes: a run trained but not yet routed can still answer
     sr = load_run(args.run, args.preset, router=args.mode in ("routed", "compare") and weights is None)
     if weights is not None:
         answer(sr, args.prompt, weights, args.max_new_tokens)  # checked against the run's domains there

@@ -48,6 +48,7 @@ def domain_samples(model: Transformer, tok: Tokenizer, preset: Preset) -> dict[s
         samples[domain] = []
         for ex in load_split(domain, "test", preset.data)[: cfg.samples_per_domain]:
             prompt = sample_prompt(ex)
+            # keep the prompt's end when it is long: prompt and continuation must fit in the context
             ids = tok.encode(prompt, bos=True)[-(preset.model.max_seq_len - cfg.sample_tokens) :]
             out = model.generate(
                 torch.tensor([ids]), cfg.sample_tokens, repetition_penalty=cfg.repetition_penalty, eos_id=tok.eos_id
@@ -59,13 +60,15 @@ def domain_samples(model: Transformer, tok: Tokenizer, preset: Preset) -> dict[s
 def stage_pretrain(preset: Preset, out: str | Path, progress: bool = True) -> dict:
     """Build data, train the tokenizer, pretrain (or resume) the base; write pretrain.json and the plot."""
     out = Path(out)
-    data_stats = stage_data(preset, progress=progress)
+    data_stats = stage_data(preset, progress=progress)  # cached after the first run: seconds
+    # the tokenizer learns its merges from the general corpus only, never from a domain's test split
     tok = base_tokenizer(preset)
     preset = with_vocab(preset, tok.vocab_size)  # the model's embedding has one row per trained token
     result = pretrain(preset.model, preset.pretrain, tok, general_corpus(preset.data), out, progress=progress)
     summary = {
         "preset": preset.name,
         **result.summary,
+        # what the base continues before any stack exists: the report shows these beside the losses
         "samples": domain_samples(result.model, tok, preset),
         "data": data_stats,
         "tokenizer": tokenizer_stats(tok, preset),

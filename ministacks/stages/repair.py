@@ -25,7 +25,7 @@ def main(args) -> int:
     path = Path(args.run)
     # a run whose base is gone can still be repaired: its own folder is enough
     run = path if (path / "manifest.json").is_file() else locate_run(path).run
-    writable_folder(run, "--run")
+    writable_folder(run, "--run")  # checked before anything is deleted
     removed = repair_run(run, domain.strip(), int(round_text))
     print(f"removed {len(removed)} stack(s) from {run}: {', '.join(removed) or 'none'}")
     print(f"now run the command that trained {run} again (`train --out ...` or `demo --out ...`, same preset): it "

@@ -4,11 +4,11 @@
         if null-space and d is not the first:
             V = directions the frozen stacks of earlier domains write into (randomized SVD, docs/brainstacks.md §5)
             train d's stacks with their delta projected out of V: δ − (δV)Vᵀ
-        residual boosting rounds on d (train.py), each stack frozen and saved as soon as it is trained
+        residual boosting rounds on d (sft.py), each stack frozen and saved as soon as it is trained
         forgetting row: validation loss of every domain seen so far, all stacks on (ungated)
 
 Everything needed to resume is on disk: one safetensors file + JSON per stack, the basis V of every
-domain, the round in progress (train.py checkpoints it), and `manifest.json`, updated after each step
+domain, the round in progress (sft.py checkpoints it), and `manifest.json`, updated after each step
 of the loop. Run the same command again after a kill and it continues where it stopped; the end result
 is the same as an uninterrupted run. Finishing a round is four steps, and a kill between any two of
 them resumes to the same stacks:
@@ -18,7 +18,7 @@ them resumes to the same stacks:
     manifest entry                              kill after it: the checkpoint names a (domain, round) the
     RUN/round_in_progress removed                manifest lists, so it is stale and discarded on resume
 
-A checkpoint that names a round which is neither saved nor the next to train is refused (train.py's
+A checkpoint that names a round which is neither saved nor the next to train is refused (sft.py's
 CheckpointMismatchError): it would otherwise become a duplicate, or a stack of the wrong domain.
 
 Null-space capacity (docs/brainstacks.md §5): each earlier domain claims K directions of every projection's output,
@@ -30,7 +30,7 @@ This module is the loop itself, on a model and data already prepared (`train_dom
 of a run (`repair_run`); stages/continual.py builds the base and the data from a Preset, creates or
 checks the manifest and writes the figures.
 
-The loss is the same everywhere (train.py's `example_loss`): round results, the forgetting matrix and
+The loss is the same everywhere (examples.py's `example_loss`): round results, the forgetting matrix and
 the "zero forgetting in isolation" check all use it — the paper's Table 2 and forgetting matrix did not.
 """
 

@@ -293,7 +293,7 @@ def directions_per_domain(d_out: int, k: int, n_domains: int, mode: str = "per_d
         return k
     if not 0 < max_share <= 1:
         raise ValueError(f"ns_max_share={max_share} must be in (0, 1]: the share of each projection's outputs "
-                         "earlier domains may protect (ContinualConfig in ministacks/continual.py)")
+                         "earlier domains may protect (ContinualConfig in ministacks/training/continual.py)")
     claimants = n_domains if mode == "per_domain" else 1
     limit = int(max_share * d_out)
     return k if k * claimants <= limit else limit // claimants

@@ -47,7 +47,7 @@ def project_out(delta: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 
     The same as running the adapter with every B_i replaced by P B_i = B_i − V (Vᵀ B_i) — value and
     gradients (a test checks both) — which would cost d_out·K·E·r once per forward instead of per token;
-    `bench_nullspace` measures what the per-token form costs."""
+    `bench nullspace` measures what the per-token form costs."""
     return delta - (delta @ V) @ V.T  # [..., K] @ [K, d_out]
 
 

@@ -1,4 +1,4 @@
-"""The one stack-training loop, shared by every experiment (docs/brainstacks.md §3), and residual boosting on top of it.
+"""The one stack-training loop every experiment shares, and residual boosting on top of it (docs/brainstacks.md §3).
 
 One round trains one fresh stack on one domain, over a frozen base and frozen earlier stacks:
 
@@ -90,7 +90,7 @@ def stack_seed(base_seed: int, stack_index: int) -> int:
     has the same purpose but repeats a seed once a domain has more than 7 rounds."""
     if not 0 <= stack_index < STACKS_PER_SEED:
         raise ValueError(f"stack_index={stack_index} must be in [0, {STACKS_PER_SEED}): raise STACKS_PER_SEED "
-                         "in ministacks/train.py for runs with more stacks")
+                         "in ministacks/training/sft.py for runs with more stacks")
     return base_seed * STACKS_PER_SEED + stack_index
 
 
@@ -98,7 +98,7 @@ def frozen_stack_count(model: nn.Module) -> int:
     """How many stacks the model holds frozen (every StackedLinear holds the same ones; the first is asked)."""
     layer = next(stacked_layers(model), None)
     if layer is None:
-        raise ValueError("the model has no stacked layers: call stacks.inject_stacks(model) first")
+        raise ValueError("the model has no stacked layers: call stacks.layer.inject_stacks(model) first")
     return sum(len(s) for s in layer.stacks.values())
 
 
@@ -124,25 +124,36 @@ class RoundResult:
 
 
 def lr_factor(step: int, cfg: StackTrainConfig) -> float:
+    """lr(t) / lr: (t + 1)/warmup for t < warmup, then (steps − t)/(steps − warmup), reaching 0 at t = steps.
+
+    A pure function of the step number, so a resumed round needs no scheduler state to continue on it."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps))
 
 
 def _snapshot(model: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """A copy of the active stack: one state_dict per stacked layer, in `stacked_layers` order.
+
+    Deep-copied because state_dict() hands back the live parameters, which AdamW updates in place: an
+    uncopied snapshot would follow training instead of keeping the step it was taken at."""
     return [copy.deepcopy(layer.active.state_dict()) for layer in stacked_layers(model)]
 
 
 def _restore(model: nn.Module, snap: list[dict[str, torch.Tensor]]) -> None:
+    """Load a `_snapshot` back into the active stack (same model, so the same layer order)."""
     for layer, sd in zip(stacked_layers(model), snap):
         layer.active.load_state_dict(sd)
 
 
 def _flatten(prefix: str, snap: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A snapshot as the flat {name: tensor} safetensors stores, names `prefix.layer.key`: the prefix keeps
+    the active stack ("active") and the best snapshot ("best") apart in one checkpoint file."""
     return {f"{prefix}.{i}.{k}": v for i, sd in enumerate(snap) for k, v in sd.items()}
 
 
 def _unflatten(prefix: str, tensors: dict[str, torch.Tensor], n_layers: int) -> list[dict[str, torch.Tensor]]:
+    """The inverse of `_flatten` for one prefix; the file's other tensors (the other prefix, "rng") are skipped."""
     snap: list[dict[str, torch.Tensor]] = [{} for _ in range(n_layers)]
     for name, v in tensors.items():
         if name.startswith(prefix + "."):
@@ -155,13 +166,16 @@ def stack_step(model: nn.Module, params: list[nn.Parameter], opt: torch.optim.Op
                y: torch.Tensor, cfg: StackTrainConfig,
                after_step: Callable[[nn.Module], None] | None = None) -> torch.Tensor:
     """One optimizer step on the active stack: loss = CE + λ·Σ L_aux, clip, AdamW, then `after_step`.
-    Returns the task loss (CE alone)."""
+    Returns the task loss (CE alone), the number comparable with the validation loss."""
+    # the forward leaves each layer's L_aux on the layer (layer.py says why); aux_loss sums them
     task = model(x, labels=y).loss
     loss = task + cfg.aux_weight * aux_loss(model)
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    loss.backward()  # gradients reach the active stack only: the base and frozen stacks have requires_grad off
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)  # the active stack's own gradient norm
     opt.step()
+    # after the optimizer, so that the strict null-space projection (projection.py) acts on B as AdamW left
+    # it, and every snapshot the guard takes is of an already-projected stack
     if after_step is not None:
         after_step(model)
     return task
@@ -193,69 +207,107 @@ def train_round(
     """
     stack_index = frozen_stack_count(model)
     seed = stack_seed(cfg.seed, stack_index)
-    torch.manual_seed(seed)  # the adapter's init and the routing noise; the data order uses `seed` too
+    # Seeded here, before add_stack draws the A matrices and routers: the stack then depends on its own
+    # seed, not on what earlier work in this process (an earlier round's routing noise) left in torch's
+    # generator, so a fresh process resuming the run builds the same stack. The routing noise draws from
+    # the same generator; the data order takes `seed` explicitly.
+    torch.manual_seed(seed)
     identity = {**(owner or {}), "round_index": round_index, "stack_index": stack_index, "seed": seed}
+    # The checkpoint's identity is checked before anything else: a refused checkpoint then costs no
+    # validation pass and leaves the model exactly as it was passed in (no stack added).
     ckpt = load_latest(ckpt_dir) if ckpt_dir is not None else None
     if ckpt is not None and ckpt.state.get("identity") != identity:
         theirs = ckpt.state.get("identity") or "no round (written by an older ministacks)"
         raise CheckpointMismatchError(
             f"{Path(ckpt_dir)} holds the checkpoint of {theirs}, not of the round being trained now ({identity}): "
             f"resuming from it would train the wrong stack. Delete {Path(ckpt_dir)} to train this round afresh")
+    # Measured before the stack is added (a fresh stack is the identity, so it would make no difference).
+    # Resuming, the model under the new stack is the one the checkpoint measured: its number is read back,
+    # and a finished round resumes without a single evaluation.
     pre = ckpt.state["result"]["pre_loss"] if ckpt else val_loss()
     params = add_stack(model, make_adapter)
     layers = list(stacked_layers(model))
     result = RoundResult(pre_loss=pre, best_loss=pre, val_curve=[[0, pre]], params=sum(p.numel() for p in params),
                          stack_index=stack_index, seed=seed)
+    # "Best" starts at the pre-round loss, paired with a snapshot of the fresh stack, whose B matrices are
+    # zero: an exact identity. A round none of whose evaluations beats `pre` restores that snapshot and so
+    # leaves the model as it found it; the released code starts at +inf and cannot (docs/brainstacks.md §3).
     best_snap, bad, seconds, start, finished = _snapshot(model), 0, 0.0, 0, False
+    # AdamW holds the active stack alone: the base and the frozen stacks never move (docs/brainstacks.md §2,
+    # §4) by construction, and its two moments per parameter cost one stack's memory and checkpoint space,
+    # however many stacks the model holds.
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
     if ckpt is not None:
+        # the loop's state at the last evaluation, loaded into the stack just added (its fresh init is
+        # overwritten): the stack then, the best snapshot, AdamW's moments, the generator, the guard
         _restore(model, _unflatten("active", ckpt.model, len(layers)))
         best_snap = _unflatten("best", ckpt.model, len(layers))
         optimizer_from_tensors(opt, *ckpt.optimizer)
-        torch.set_rng_state(ckpt.model["rng"])  # routing noise continues as if never interrupted
+        # torch's CPU generator: routing noise drawn on the CPU continues as if never interrupted
+        torch.set_rng_state(ckpt.model["rng"])
         result = RoundResult(**ckpt.state["result"])
-        bad, seconds, start, finished = ckpt.state["bad"], ckpt.state["seconds"], ckpt.state["step"], ckpt.state["finished"]
+        bad, seconds, start, finished = (ckpt.state["bad"], ckpt.state["seconds"], ckpt.state["step"],
+                                         ckpt.state["finished"])
 
     def checkpoint(step: int, done: bool) -> None:
+        """All the loop needs to continue after `step` (the data order needs nothing: it is a function of
+        (seed, step)). `done`: the round has ended, stopped by the guard or at its last step; resuming a
+        done round runs no step and no evaluation, it restores the best snapshot and returns the result."""
         if ckpt_dir is None:
             return
         tensors = {**_flatten("active", _snapshot(model)), **_flatten("best", best_snap), "rng": torch.get_rng_state()}
         state = {"identity": identity, "result": result.to_dict(), "bad": bad, "seconds": seconds, "finished": done}
         save_checkpoint(ckpt_dir, step, tensors, opt, state)
 
-    model.train(True)
+    model.train(True)  # routing noise on in the active stack; frozen stacks stay in eval mode (layer.py)
     bar = tqdm(range(start, cfg.steps), desc=desc, disable=not progress or finished, dynamic_ncols=True, leave=False)
     for step in [] if finished else bar:
         t0 = time.perf_counter()
+        # lr from the step number (no scheduler object): a resumed round is on the same schedule, exactly
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_factor(step, cfg)
-        x, y = train.batch(step, cfg.batch_size, seed)  # the stack's own data order
+        x, y = train.batch(step, cfg.batch_size, seed)  # the stack's own data order, a function of (seed, step)
         task = stack_step(model, params, opt, x, y, cfg, after_step)
+        # Only the training step is timed, not evaluations or checkpoints: seconds_per_step then compares
+        # runs with any eval_every, with or without checkpoints (Exp 1 compares MoE-LoRA and LoRA per step).
         seconds += time.perf_counter() - t0
         result.steps_run = step + 1
         bar.set_postfix(loss=f"{task.item():.3f}", best=f"{result.best_loss:.3f}")
+        # An evaluation is a whole validation pass (up to max_val_examples examples), so it runs every
+        # eval_every steps (paper: 50), and at the last step, so that the stack as trained to the end is a
+        # candidate for "best" and the curve ends where training did.
         if (step + 1) % cfg.eval_every and step + 1 != cfg.steps:
             continue
         v = val_loss()
-        model.train(True)
+        model.train(True)  # val_loss is the caller's: it may leave the model in eval mode
         result.val_curve.append([step + 1, v])
-        if v < result.best_loss:
+        if v < result.best_loss:  # strictly lower: on a tie the earlier snapshot stays
             result.best_loss, result.best_step, best_snap, bad = v, step + 1, _snapshot(model), 0
         else:
-            bad += 1
+            bad += 1  # evaluations since the last improvement
+        # The guard (docs/brainstacks.md §3). A spike, the loss more than `spike` above the best, means the
+        # round has gone wrong (a divergent step): it stops at once instead of training on from a bad stack.
+        # Patience stops a round that has stopped improving (a plateau, or overfitting the domain) after
+        # `patience` evaluations without a new best. As "best" starts at the pre-round loss, a spike is caught
+        # from the first evaluation. guard=False only switches the two rules off: the best snapshot is still
+        # restored.
         if cfg.guard and v - result.best_loss > cfg.spike:
             result.stop_reason = "spike"
         elif cfg.guard and bad >= cfg.patience:
             result.stop_reason = "patience"
         stopping = result.stop_reason != "steps" or step + 1 == cfg.steps
-        result.seconds_per_step = seconds / max(1, result.steps_run)
+        result.seconds_per_step = seconds / max(1, result.steps_run)  # the checkpointed result carries it too
+        # A checkpoint at every evaluation, the only place the guard's state changes: a kill loses at most
+        # eval_every steps, and the step-by-step cost of copying two stacks and AdamW's moments is avoided.
         checkpoint(step + 1, done=stopping)
         if stopping:
             break
     bar.close()
+    # The stack left active (the one boost_domain freezes) is the best, not the last: its validation loss
+    # is result.best_loss, and when best_step is 0 it is the zero-init identity.
     _restore(model, best_snap)
     model.train(False)
-    result.seconds_per_step = seconds / max(1, result.steps_run)
+    result.seconds_per_step = seconds / max(1, result.steps_run)  # training time only, summed across resumes
     return result
 
 
