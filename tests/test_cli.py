@@ -44,6 +44,13 @@ def test_boost_json_records_rounds_and_the_stop_rule(demo_dir):
     # each round starts where the previous one ended
     for prev, nxt in zip(b["rounds"], b["rounds"][1:]):
         assert nxt["pre_loss"] == pytest.approx(prev["best_loss"], abs=1e-5)
+    # the control: one fresh stack (stack 0, like round 1) trained for as many steps as all the rounds ran
+    c = b["control"]
+    assert c["steps"] == sum(r["steps_run"] for r in b["rounds"])
+    assert c["val_curve"][0] == [0, pytest.approx(b["rounds"][0]["pre_loss"], abs=1e-5)]  # the same fresh base
+    assert c["val_curve"][-1][0] == c["steps_run"] <= c["steps"]
+    assert c["best_loss"] <= c["val_curve"][0][1] and c["stop_reason"] in ("steps", "spike", "patience")
+    assert c["seconds_per_step"] > 0
 
 
 def test_demo_again_reuses_everything(demo_dir, capsys):

@@ -231,3 +231,21 @@ def test_user_hub_id_without_network_fails_fast(monkeypatch):
     monkeypatch.setattr(user.socket, "create_connection", unreachable)
     with pytest.raises(UserDataError, match="huggingface.co:443 cannot be reached.*no network"):
         load_user_data("owner/some-dataset", MAPPING)
+
+
+def test_pretraining_can_read_a_share_of_the_corpus_in_the_template():
+    from ministacks.data import general_corpus, load_split
+
+    raw = general_corpus(SMALL)
+    assert general_corpus(SMALL, template_share=0.0) == raw
+    half, everything = general_corpus(SMALL, template_share=0.5), general_corpus(SMALL, template_share=1.0)
+    assert len(half) == len(everything) == len(raw)
+    templated = [d for d in half if d.startswith("Below is an instruction")]
+    assert 0.35 < len(templated) / len(half) < 0.65
+    assert all(d.startswith("Below is an instruction") for d in everything)
+    assert set(templated) <= set(everything)  # an example's choice does not depend on the share's neighbours
+    # never a validation or test example, templated or not
+    held_out = {ex.text() for d in DOMAINS for s in ("val", "test") for ex in load_split(d, s, SMALL)}
+    assert not held_out & set(everything)
+    with pytest.raises(ValueError, match="template_share"):
+        general_corpus(SMALL, template_share=1.5)

@@ -1,14 +1,21 @@
 """The general (pretraining) corpus and `build_all`, which builds every cached corpus at once.
 
 ministacks pretrains its own small base model, and a base model must not have seen the questions it
-is later evaluated on. So the general corpus is made of the *train* examples of every domain only,
-as raw text without the Alpaca template (the base learns language; the template is learned during
-SFT). A train example whose normalised prompt is a val/test prompt of *any* domain is left out too,
-so even a cross-domain coincidence cannot leak an evaluation question into pretraining.
+is later evaluated on. So the general corpus is made of the *train* examples of every domain only.
+A train example whose normalised prompt is a val/test prompt of *any* domain is left out too, so
+even a cross-domain coincidence cannot leak an evaluation question into pretraining.
+
+The cached corpus is raw text, without the Alpaca template: the tokenizer is trained on it. The
+paper's bases are instruction-tuned and know the template before any stack; a base pretrained on
+raw text alone does not, and each domain's first stack then spends itself learning the template.
+`general_corpus(..., template_share=s)` gives a share s of the same documents in the Alpaca template
+instead (each example's choice is a hash of the seed and its prompt: stable, independent of order),
+which is what pretraining reads (PretrainConfig.template_share).
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 
@@ -28,19 +35,38 @@ def raw_text(example: Example) -> str:
     return "\n".join(p for p in parts if p)
 
 
-def _build_general(cfg: DataConfig, cache: Path | None) -> None:
+def _general_examples(cfg: DataConfig, cache: Path | None) -> list[Example]:
+    """Every domain's train examples whose prompt no val/test example of any domain shares, shuffled."""
     splits = {domain: load_domain_splits(domain, cfg, cache) for domain in DOMAINS}
     held_out = {ex.key() for by_split in splits.values() for s in ("val", "test") for ex in by_split[s]}
-    docs = [raw_text(ex) for by_split in splits.values() for ex in by_split["train"] if ex.key() not in held_out]
+    examples = [ex for by_split in splits.values() for ex in by_split["train"] if ex.key() not in held_out]
     # shuffled so that a pretraining run cut short still sees every domain
-    derived_rng(cfg.seed, "general").shuffle(docs)
+    derived_rng(cfg.seed, "general").shuffle(examples)
+    return examples
+
+
+def _templated(cfg: DataConfig, ex: Example, share: float) -> bool:
+    """Is `ex` one of the `share` of documents given in the Alpaca template? A hash, not an RNG draw."""
+    digest = hashlib.sha256(f"{cfg.seed}:template:{ex.domain}:{ex.key()}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < share
+
+
+def _build_general(cfg: DataConfig, cache: Path | None) -> None:
+    docs = [raw_text(ex) for ex in _general_examples(cfg, cache)]
     folder = recipe_dir(cfg, cache)
     write_jsonl(folder / "general.jsonl", [{"text": d} for d in docs])
     atomic_write_json(folder / "general.json", {"docs": len(docs), "chars": sum(map(len, docs))})  # written last
 
 
-def general_corpus(cfg: DataConfig = DataConfig(), cache: Path | None = None) -> list[str]:
-    """Pretraining documents (raw text, no template) from the train splits of all domains, shuffled."""
+def general_corpus(cfg: DataConfig = DataConfig(), cache: Path | None = None,
+                   template_share: float = 0.0) -> list[str]:
+    """Pretraining documents from the train splits of all domains, shuffled: raw text (cached), or with a
+    `template_share` of them in the Alpaca template, full example with its response (Example.text)."""
+    if not 0.0 <= template_share <= 1.0:
+        raise ValueError(f"template_share must be in [0, 1], got {template_share}")
+    if template_share > 0:
+        return [ex.text() if _templated(cfg, ex, template_share) else raw_text(ex)
+                for ex in _general_examples(cfg, cache)]
     folder = recipe_dir(cfg, cache)
     if not (folder / "general.json").exists():
         _build_general(cfg, cache)

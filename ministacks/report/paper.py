@@ -5,6 +5,10 @@ the paper's value next to the miniature's, and where the finding does not reprod
 so. Nothing here is ever compared with a tolerance or used to pick a setting.
 """
 
+from ..stacks.proportions import PAPER_STACK_SHARE  # one stack's share of each paper base (needed there too)
+
+__all__ = ["PAPER_STACK_SHARE", "PAPER_EXP1", "PAPER_BOOST", "PAPER_FORGETTING", "PAPER_ORACLE", "PAPER_TABLE4"]
+
 # Experiment 1 and residual boosting: the paper's TinyLlama runs
 PAPER_EXP1 = {  # docs/brainstacks.md §9: TinyLlama-1.1B 4-bit, alpaca, val loss every 50 steps
     "steps": [50, 100, 150, 200, 250, 300, 350, 400],

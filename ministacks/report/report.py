@@ -102,6 +102,8 @@ def compare_section(c: dict) -> str:
     MoE-LoRA's validation loss is below the single LoRA's."""
     p = c["paper"]  # report/paper.py's PAPER_EXP1, carried in compare.json
     moe, lora = c["moe"], c["lora"]
+    # the run's own adapter shape (compare.json written before it was recorded: the paper's literal one)
+    a = c.get("adapter", {"n_experts": 4, "r": 16, "top_k": 2, "lora_r": 64})
     ahead = sum(1 for (s, m), (_, l) in zip(moe["val_curve"][1:], lora["val_curve"][1:]) if m < l)
     n = len(moe["val_curve"]) - 1  # step 0 is no checkpoint: both arms are the zero-init identity there
     # the paper reports minutes for its 400-step runs (§9): per step, to sit beside our seconds per step;
@@ -111,10 +113,12 @@ def compare_section(c: dict) -> str:
         "",
         f"Domain `{c['domain']}`, base `{c['quant']}`, same steps, learning rate, data order and seed.",
         "",
-        "| | MoE-LoRA 4 × r16, top-2 | single LoRA r64 | paper MoE-LoRA | paper LoRA |",
+        f"| | MoE-LoRA {a['n_experts']} × r{a['r']}, top-{a['top_k']} | single LoRA r{a['lora_r']} | "
+        "paper MoE-LoRA | paper LoRA |",
         "|---|---:|---:|---:|---:|",
         f"| parameters | {moe['params']:,} | {lora['params']:,} | {p['params']['moe'] / 1e6:.1f}M | "
         f"{p['params']['lora'] / 1e6:.1f}M |",
+        *share_rows(c),
         f"| final validation loss | {moe['final']:.4f} | {lora['final']:.4f} | {p['moe'][-1]:.4f} | "
         f"{p['lora'][-1]:.4f} |",
         f"| seconds per step | {moe['seconds_per_step']:.3f} | {lora['seconds_per_step']:.3f} | "
@@ -126,6 +130,16 @@ def compare_section(c: dict) -> str:
         "![MoE-LoRA vs LoRA](compare.png)",
         "",
     ])
+
+
+def share_rows(c: dict) -> list[str]:
+    """The stacks' share of the base beside the paper's (one table row), when compare.json records it."""
+    if "stack_share" not in c:
+        return []
+    paper = c["paper_stack_share"]
+    quoted = ", ".join(f"{v:.1%} of {k}" for k, v in paper.items())
+    return [f"| share of the base ({c['base_params']:,} parameters) | {c['stack_share']['moe']:.1%} | "
+            f"{c['stack_share']['lora']:.1%} | {quoted} | |"]
 
 
 def boost_section(b: dict) -> str:

@@ -11,15 +11,16 @@ Writes OUT/compare.json and compare.png; an arm already in compare.json is not t
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..io import atomic_write_json, read_json
 from ..presets import Preset
-from ..report.paper import PAPER_EXP1
+from ..report.paper import PAPER_EXP1, PAPER_STACK_SHARE
 from ..report.plots import plot_compare
 from ..run import prepared_base
 from ..stacks.layer import make_adapter
+from ..stacks.proportions import projection_shapes
 from ..training.sft import train_round
 from ..training.examples import example_loss
 from .common import add_preset_args, add_quant_arg, domain_data, preset_of, writable_folder
@@ -40,6 +41,8 @@ def run_compare(preset: Preset, out: str | Path, progress: bool = True, domain: 
             continue
         # each arm on a fresh base: both are stack 0, so they get the same stack seed and data order
         model, tok = prepared_base(preset, out)
+        # the base's parameters as trained (fp32), not as stored: NF4 packs two weights per byte
+        result["base_params"] = projection_shapes(model.cfg)[0]
         train, val = domain_data(preset, tok, domain, cfg)
         r = train_round(model, make_adapter(kind, preset.adapter), train, lambda: example_loss(model, val), cfg,
                         progress=progress, desc=f"compare {kind}")
@@ -47,6 +50,10 @@ def run_compare(preset: Preset, out: str | Path, progress: bool = True, domain: 
                         "final": r.val_curve[-1][1], "best": r.best_loss, "seed": r.seed}
         atomic_write_json(path, result)  # each finished arm is kept if the other is interrupted
     result["paper"] = PAPER_EXP1
+    # the stacks' size against the base, beside the paper's (stacks/proportions.py): what the miniature keeps
+    result["adapter"] = asdict(preset.adapter)
+    result["stack_share"] = {kind: result[kind]["params"] / result["base_params"] for kind in ("moe", "lora")}
+    result["paper_stack_share"] = PAPER_STACK_SHARE
     # the paper's cost (MoE 2.1x slower per step), measured here on the same steps on the same machine
     result["speed_ratio_moe_over_lora"] = result["moe"]["seconds_per_step"] / result["lora"]["seconds_per_step"]
     atomic_write_json(path, result)

@@ -64,7 +64,9 @@ def stage_pretrain(preset: Preset, out: str | Path, progress: bool = True) -> di
     # the tokenizer learns its merges from the general corpus only, never from a domain's test split
     tok = base_tokenizer(preset)
     preset = with_vocab(preset, tok.vocab_size)  # the model's embedding has one row per trained token
-    result = pretrain(preset.model, preset.pretrain, tok, general_corpus(preset.data), out, progress=progress)
+    # the corpus pretraining reads: the tokenizer's raw-text corpus, with a share of it in the template
+    docs = general_corpus(preset.data, template_share=preset.pretrain.template_share)
+    result = pretrain(preset.model, preset.pretrain, tok, docs, out, progress=progress)
     summary = {
         "preset": preset.name,
         **result.summary,
