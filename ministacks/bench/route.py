@@ -4,8 +4,10 @@ Brainstacks answers a prompt with the frozen base plus the frozen stacks of the 
 switches on (docs/brainstacks.md §6). Every projection then computes base(x) + Σ_d w_d Σ_j Δ_j(x), so a stack costs a
 few thin matmuls per projection, and routing costs a pass of the prompt through the base (the router's
 features) plus the router network, but lets every switched-off domain cost nothing. `bench_route`
-times, on one model carrying the stacks of a 5-domain × 2-round run (10 frozen MoE-LoRA stacks,
-4 experts × r16, top-2, on all 7 projections of every layer, B random so that they do real work):
+times, on one model carrying the stacks of a 5-domain × 2-round run (10 frozen MoE-LoRA stacks at the
+paper's proportions — 4 experts, top-2, the rank that makes one stack ~4.9% of the base, as the presets
+train them; `literal=True` puts the paper's literal 4 × r16 on instead — on all 7 projections of every
+layer, B random so that they do real work):
 
   base    the base alone (`StacksOn.base_only()`)
   fused   every stack on at weight 1 (ungated), all of a projection's stacks in one pass (`FusedStacks`)
@@ -32,10 +34,10 @@ Two measurements, since they answer different questions:
               user waits for: the router's one pass is spread over every generated token.
 The target is routed ≤ 1.3× base; the report says for each measurement whether it is met.
 
-The cost of a stack is relative to the width of the model: a MoE-LoRA stack adds n_experts·r = 64
-columns to every projection, a quarter of the quick preset's d_model 256 but 3% of TinyLlama's 2048
-(the paper's base). So two models are measured by default: the quick preset's (4 layers, d 256) and a
-wider one closer to the paper's proportions (2 layers, d 1024).
+The cost of a stack is relative to the width of the model: a MoE-LoRA stack adds n_experts·r columns
+to every projection — 64 for the literal 4 × r16, a quarter of the quick preset's d_model 256 but 3% of
+TinyLlama's 2048 (the paper's base). Two models are measured by default: the quick preset's (4 layers,
+d 256) and a wider one (2 layers, d 1024), each with the stacks its proportions give it.
 
 Everything runs under torch.no_grad() in fp32 and eval mode. The variants run interleaved (base,
 fused, loop, routed, base, ...) so that another process taking the cores slows them alike; medians
@@ -57,6 +59,7 @@ from ..lm.model import ModelConfig, Transformer
 from ..presets import QUICK
 from ..routing.router import MetaRouter, RouterConfig, prompt_features
 from ..runtime import keep_freed_memory
+from ..stacks.proportions import scaled_adapter, stack_share
 from ..stacks.layer import (
     AdapterConfig,
     StacksOn,
@@ -76,7 +79,14 @@ TARGET = 1.3  # routed / base at most this
 FORWARD = ("base", "fused", "loop", "routed")
 GENERATE = ("base", "fused", "routed")
 ROUTED_PARTS = ("features", "router", "stacks")
-ADAPTER = AdapterConfig()  # the paper's MoE-LoRA: 4 experts x rank 16, top-2
+ADAPTER = AdapterConfig()  # the paper's literal MoE-LoRA: 4 experts x rank 16, top-2 (`literal=True`)
+
+
+def adapter_for(cfg: ModelConfig, literal: bool = False) -> AdapterConfig:
+    """The stacks the benchmark puts on `cfg`: the paper's proportions (stacks/proportions.py: 4 experts,
+    top-2, the rank whose stack is nearest 4.9% of the base), as the presets train them; or the literal
+    4 x r16 with `literal`."""
+    return ADAPTER if literal else scaled_adapter(cfg)
 
 
 def default_configs() -> dict[str, ModelConfig]:
@@ -207,10 +217,10 @@ def _summary(timed: Timings, parts: list[dict[str, float]], ratio_names: Sequenc
 
 @torch.no_grad()
 def _bench_one(cfg: ModelConfig, batch_size: int, seq_len: int, n_new: int, rounds: int, budget_s: float,
-               seed: int) -> dict:
+               seed: int, adapter: AdapterConfig) -> dict:
     if seq_len + n_new > cfg.max_seq_len:
         cfg = dataclasses.replace(cfg, max_seq_len=seq_len + n_new)
-    model = stacked_model(cfg, seed=seed)
+    model = stacked_model(cfg, seed=seed, adapter=adapter)
     routed_model = copy.deepcopy(model)  # its own fused cache: switching weights must not rebuild the ungated one's
     router = MetaRouter(cfg.d_model, DOMAINS, RouterConfig()).eval()
     ids = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
@@ -243,13 +253,15 @@ def _bench_one(cfg: ModelConfig, batch_size: int, seq_len: int, n_new: int, roun
         "generate": _summary(of("generate", GENERATE), timed.results["generate/routed"], ("fused/base", "routed/base")),
         "rounds": timed.rounds,
         # columns a MoE-LoRA stack adds to a projection, relative to the model's width
-        "stack_width": ADAPTER.n_experts * ADAPTER.r / cfg.d_model,
+        "stack_width": adapter.n_experts * adapter.r / cfg.d_model,
+        "adapter": dataclasses.asdict(adapter), "stack_share": stack_share(cfg, adapter),
         "config": cfg.to_dict(), "ff_dim": cfg.ff_dim,
     }
 
 
 def bench_route(configs: dict[str, ModelConfig] | None = None, batch_size: int = 8, seq_len: int = 128,
-                n_new: int = 32, rounds: int = 5, time_budget_s: float = 60.0, seed: int = 0) -> dict:
+                n_new: int = 32, rounds: int = 5, time_budget_s: float = 60.0, seed: int = 0,
+                literal: bool = False) -> dict:
     """Median seconds of base / fused / loop / routed forwards and base / fused / routed generations, per model.
 
     For each config, up to `rounds` interleaved rounds are timed after an untimed warm-up round; once the
@@ -264,13 +276,14 @@ def bench_route(configs: dict[str, ModelConfig] | None = None, batch_size: int =
     # large matmuls (each op waits for its threads to be scheduled), and so inflates the ratios
     load = load_average()
     configs = configs or default_configs()
-    results = {name: _bench_one(cfg, batch_size, seq_len, n_new, rounds, time_budget_s / len(configs), seed)
+    results = {name: _bench_one(cfg, batch_size, seq_len, n_new, rounds, time_budget_s / len(configs), seed,
+                                adapter_for(cfg, literal))
                for name, cfg in configs.items()}
     return {
         "configs": results, "route": dict(ROUTE), "target": TARGET,
         "domains": list(DOMAINS), "rounds_per_domain": ROUNDS_PER_DOMAIN,
         "stacks": len(DOMAINS) * ROUNDS_PER_DOMAIN, "live_stacks": len(ROUTE) * ROUNDS_PER_DOMAIN,
-        "adapter": dataclasses.asdict(ADAPTER),
+        "adapter": "literal" if literal else "scaled",  # each config's own is in its entry
         "batch_size": batch_size, "seq_len": seq_len, "n_new": n_new, "threads": torch.get_num_threads(),
         "cores": os.cpu_count(), "load_before": load,
     }
@@ -284,12 +297,13 @@ def _verdict(ratio: float, target: float) -> str:
 
 
 def format_bench_route(d: dict) -> str:
-    a, target = d["adapter"], d["target"]
+    target = d["target"]
     route = ", ".join(f"{k} {v:g}" for k, v in d["route"].items())
+    shape = ("the paper's literal 4 experts x r16" if d["adapter"] == "literal" else
+             "at the paper's proportions (4 experts, top-2, the rank that makes a stack ~4.9% of the base)")
     lines = [
         (f"Inference cost of stacks and routing (fp32, no grad): {d['stacks']} frozen MoE-LoRA stacks "
-         f"({len(d['domains'])} domains x {d['rounds_per_domain']} rounds), {a['n_experts']} experts x r{a['r']} "
-         f"top-{a['top_k']}, on all 7 projections"),
+         f"({len(d['domains'])} domains x {d['rounds_per_domain']} rounds), {shape}, on all 7 projections"),
         (f"  routed = feature pass (base alone over the prompt) + meta-router + stacked pass with the fixed "
          f"route {route}: {d['live_stacks']} stacks live, the others skipped"),
         (f"  forward: {d['batch_size']} x {d['seq_len']} tokens; generate: batch 1, the {d['seq_len']}-token "
@@ -301,10 +315,11 @@ def format_bench_route(d: dict) -> str:
              "routed": f"routed ({d['live_stacks']} stacks live)"}
     spreads = []
     for name, r in d["configs"].items():
-        c = r["config"]
+        c, a = r["config"], r["adapter"]
         lines += ["", (f"{name}: {c['n_layer']} layers, d_model {c['d_model']}, ff {r['ff_dim']}, "
-                       f"vocab {c['vocab_size']}; a stack adds {a['n_experts'] * a['r']} columns per projection "
-                       f"({r['stack_width']:.0%} of d_model); {r['rounds']} rounds")]
+                       f"vocab {c['vocab_size']}; stacks {a['n_experts']} x r{a['r']} top-{a['top_k']}, one is "
+                       f"{r['stack_share']:.1%} of the base and adds {a['n_experts'] * a['r']} columns per "
+                       f"projection ({r['stack_width']:.0%} of d_model); {r['rounds']} rounds")]
         for kind in ("forward", "generate"):
             m = r[kind]
             s, p = m["seconds"], m["routed_parts"]
