@@ -27,8 +27,8 @@ from ..run import load_run, prepared_base
 from ..stacks.store import load_all_stacks
 from ..stacks.manifest import new_manifest, read_manifest, write_manifest
 from ..training.continual import check_domains, train_domains
-from ..training.nullspace import domain_bases
-from ..training.projection import orthogonality_by_projection, singular_spectra, subspace_similarity
+from ..training.nullspace import collect_deltas, top_directions
+from ..training.projection import orthogonality_by_projection, spectra_of, subspace_similarity
 from .common import add_preset_args, add_quant_arg, domain_data, domain_val, preset_of, writable_folder
 from .pretrain import ensure_base
 
@@ -97,8 +97,12 @@ def subspace_analysis(preset: Preset, out: str | Path, run: str | Path | None = 
     data = {d: domain_val(preset, tok, d, ns_cfg) for d in domains}
     # each domain's own principal output directions (K per projection), with every stack finished: the
     # similarity panel compares how much two domains' stacks write into the same directions
-    bases = domain_bases(model, data, cc.ns_k)
-    spectra = {d: singular_spectra(model, data[d], [d], k=cc.ns_k) for d in domains}
+    # one pass per domain serves both its directions and its spectrum;
+    # the generator as domain_bases seeds it, so the bases are the ones domain_bases would give
+    deltas = {d: collect_deltas(model, data[d], [d]) for d in domains}
+    g = torch.Generator().manual_seed(0)
+    bases = {d: top_directions(deltas[d], cc.ns_k, g) for d in domains}
+    spectra = {d: spectra_of(deltas[d], cc.ns_k) for d in domains}
     # how little each later domain's stacks write into the directions it was kept out of (1 = nothing),
     # against the stored basis it trained with, per projection, averaged over the domains
     orth: dict[str, list[float]] = {}

@@ -215,7 +215,7 @@ def orthonormal_union(Vs: list[torch.Tensor], rtol: float | None = None) -> torc
     return W[:, sigma > rtol * sigma[0]]
 
 
-def _top_directions(D: dict[str, torch.Tensor], k: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def top_directions(D: dict[str, torch.Tensor], k: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     out = {}
     for name, d in D.items():
         n, d_out = d.shape
@@ -232,7 +232,7 @@ def domain_bases(model: nn.Module, data_by_domain: dict[str, ExampleSet], k: int
     """{domain: {layer name: V_d [d_out, k]}}: the top-k output directions of each domain's own stacks, on
     its own validation examples (or on `new_domain_data` for every domain, the released code's data)."""
     g = torch.Generator().manual_seed(seed)  # its own generator: building a basis must not shift training's RNG
-    return {d: _top_directions(collect_deltas(model, new_domain_data or data, [d], max_examples), k, g)
+    return {d: top_directions(collect_deltas(model, new_domain_data or data, [d], max_examples), k, g)
             for d, data in data_by_domain.items()}
 
 
@@ -267,7 +267,7 @@ def build_basis(model: nn.Module, data_by_domain: dict[str, ExampleSet], k: int,
     sets = [new_domain_data] if new_domain_data is not None else list(data_by_domain.values())
     parts = [collect_deltas(model, s, None, max_examples) for s in sets]
     D = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}  # [Σ n, d_out]
-    top = _top_directions(D, k, torch.Generator().manual_seed(seed))
+    top = top_directions(D, k, torch.Generator().manual_seed(seed))
     return {name: V[:, : directions_per_domain(V.shape[0], k, m, mode, max_share)] for name, V in top.items()}
 
 

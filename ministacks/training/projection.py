@@ -194,7 +194,11 @@ def subspace_similarity(bases: dict[str, dict[str, torch.Tensor]]) -> torch.Tens
 def singular_spectra(model: nn.Module, data: ExampleSet, domains: list[str] | None = None, k: int | None = None,
                      max_examples: int | None = None) -> dict[str, torch.Tensor]:
     """{layer name: singular values of D} (the first k, largest first): how many directions a stack uses."""
-    deltas = collect_deltas(model, data, domains, max_examples)
+    return spectra_of(collect_deltas(model, data, domains, max_examples), k)
+
+
+def spectra_of(deltas: dict[str, torch.Tensor], k: int | None = None) -> dict[str, torch.Tensor]:
+    """{layer name: the first k singular values of its D} from deltas already collected."""
     return {name: torch.linalg.svdvals(D)[:k] for name, D in deltas.items()}
 
 
