@@ -21,6 +21,7 @@ round a loop): a mechanism never imports a preset, a stage or the command line.
     layer.py       StackedLinear (base + weighted frozen stacks + one active), fused inference, StacksOn
     store.py       one stack on disk: safetensors + a checked JSON record, base fingerprints
     manifest.py    RUN/manifest.json (what a run has done, with its Preset) and the one cache key
+    proportions.py how big a stack is against its base; the rank that keeps the paper's share
   training/      training stacks
     examples.py    the data a round reads and the one loss every stage measures
     sft.py         one round of stack training (best-stack guard, checkpoints) and residual boosting
@@ -38,7 +39,9 @@ round a loop): a mechanism never imports a preset, a stage or the command line.
     sandbox.py     where model-written code runs: limits, no network, confined writes
     isolation.py   the sandbox's layers inside the child: namespaces, mounts, init, uid, audit hook
   report/
+    findings.py    the paper's findings beside ours, with generated verdicts: report.md's first table
     report.py      report.md, every comparison sentence generated from the numbers it compares
+    router.py      report.md's router section
     plots.py       the figures
     paper.py       every number quoted from the paper, in one place
   presets.py     Preset, the smoke / quick / paper presets, the evaluation's config, a Preset's record

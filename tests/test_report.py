@@ -1,6 +1,7 @@
 """The report says only what was measured: every comparing sentence follows the numbers it compares."""
 
-from ministacks.report.report import boost_section, eval_finding, eval_section, forgetting_section, oracle_finding
+from ministacks.report.report import boost_section, eval_finding, eval_section, forgetting_section
+from ministacks.report.router import oracle_finding
 
 DOMAINS = ["chat", "math"]
 

@@ -10,7 +10,7 @@ only, so a report can be rebuilt from a finished folder without training anythin
     compare_section      compare.json (compare.py)              Exp 1, MoE-LoRA vs single LoRA (§1, §9)
     boost_section        boost.json (boost.py)                  residual boosting rounds on chat (§3)
     forgetting_section   forgetting.json (continual.py)         forgetting matrices, null-space (§4, §5)
-    router_section       RUN/router.json (route.py)             the oracle's targets and the router (§6)
+    router_section       RUN/router.json (route.py)             the oracle's targets and the router (§6; router.py)
     eval_section         RUN/eval.json (evaluate.py)            base / ungated / routed (§7, §9 Exp 3)
 
 (§N: docs/brainstacks.md §N; writers in ministacks/stages/.) Each links its stage's figure (plots.py).
@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ..io import atomic_write_text
 from ..lm.model import PROJECTION_NAMES
+from ..lm.pretrain import PretrainConfig
 from ..evaluation.tasks import wilson_interval
 
 
@@ -61,6 +62,7 @@ def data_section(stats: dict) -> str:
 def pretrain_section(s: dict) -> str:
     """The base model from pretrain.json: size, throughput, validation loss against the unigram entropy
     H = −Σ p log p of the token frequencies, characters per token, and greedy samples per domain."""
+    penalty = s.get("config", {}).get("pretrain", {}).get("repetition_penalty", PretrainConfig().repetition_penalty)
     gap = s["unigram_entropy"] - s["val_loss"]  # the unigram model ignores context: the gap is what it taught
     lines = [
         "## Pretraining from random initialisation",
@@ -77,8 +79,8 @@ def pretrain_section(s: dict) -> str:
         "Tokenizer: characters per token on each domain's validation text — "
         + ", ".join(f"{d} {v:.2f}" for d, v in s["tokenizer"]["chars_per_token"].items()),
         "",
-        # 1.2: the paper's decoding setting (docs/brainstacks.md §7), PretrainConfig's default; text, not read
-        "### Greedy samples per domain (held-out prompts; repetition penalty 1.2)",
+        # the penalty the samples were drawn with (pretrain.json's config; the paper's 1.2 by default, §7)
+        f"### Greedy samples per domain (held-out prompts; repetition penalty {penalty:g})",
         "",
     ]
     for domain, items in s["samples"].items():
@@ -251,75 +253,6 @@ def forgetting_section(f: dict) -> str:
               "Principal output subspaces of each domain's stacks: cross-domain similarity, singular-value spectra, "
               "and how orthogonal later stacks are to the directions they were kept out of:", "",
               "![subspaces](subspaces.png)", ""]
-    return "\n".join(lines)
-
-
-def _pct(v) -> str:
-    """A share as a whole percentage, "–" for None."""
-    return "–" if v is None else f"{v:.0%}"
-
-
-def _shares_row(o: dict) -> str:
-    """The five most frequent combinations and their shares ("chat+math 60%, base 20%, ..."); `o["shares"]`
-    comes largest first (routing/oracle.py's `shares`), so the first five are the top five."""
-    return ", ".join(f"{c} {v:.0%}" for c, v in list(o["shares"].items())[:5])
-
-
-def oracle_finding(r: dict) -> str:
-    """The paper's medical finding beside ours, in a sentence built from both numbers.
-    router.json's "paper" holds the paper's shares (docs/brainstacks.md §6: chat+math on 32 of 33 medical
-    prompts), its "oracle" ours. The sentence names both winners, says whether they are the same, and
-    gives the share the paper's winner got here."""
-    paper = r["paper"]["oracle"]["medical"]  # report/paper.py's PAPER_ORACLE
-    paper_combo, paper_share = max(paper.items(), key=lambda kv: kv[1])
-    o = r["oracle"].get("medical")
-    if not o or not o["n"]:  # no medical domain, or no medical prompt kept: nothing to set beside the paper
-        return (f"The paper found medical prompts best served by {paper_combo} in {paper_share:.0%} of cases; "
-                "this run has no medical prompts to compare.")
-    ours_combo, ours_share = next(iter(o["shares"].items()))  # largest first: our most frequent winner
-    same = o["shares"].get(paper_combo, 0.0)  # the paper's winner may never win here: 0%, said as such
-    verdict = "the same winner" if ours_combo == paper_combo else "a different winner"
-    return (f"The paper found medical prompts best served by {paper_combo} in {paper_share:.0%} of cases (32 of 33). "
-            f"Here the most frequent winner on the {o['n']} medical prompts is {ours_combo} ({ours_share:.0%}), "
-            f"{verdict}; {paper_combo} won {same:.0%}.")
-
-
-def router_section(r: dict, figure: str) -> str:
-    """The router's scores, the oracle's winning combinations per domain (beside the paper's finding),
-    and the routes the trained router takes. `figure`: router.png's path relative to the report. Reads
-    RUN/router.json (stages/route.py). Two kinds of score, kept apart: against the oracle's targets
-    (what the router is trained and its epoch selected on) and against the prompts' domain labels."""
-    n = r["n_prompts"]
-    floor = r.get("oracle_chat_floor")  # None: the oracle ran without the chat floor (oracle.py's oracle_floor)
-    # the selection weights and the inference rule below are the paper's (§6) as text, not read from the run
-    lines = ["## Meta-router: which stacks a prompt needs", "",
-             f"Trained on {n['single']} single-domain prompts (targets from the oracle's outcomes) and {n['mixed']} "
-             f"mixed-domain prompts (multi-hot labels: {', '.join(r['mixed_kinds'])}); {n['train']} train / "
-             f"{n['val']} held-out, split by prompt groups. {r['params']:,} parameters, {r['search']} target search.",
-             "",
-             f"- against the targets it learns from: **single-domain top-1 {r['single_top1']:.1%}**, **mixed set match "
-             f"{r['mixed_set_match']:.1%}**, val BCE {r['val_bce']:.3f} (epoch {r['best_epoch']} kept by "
-             "0.50·top-1 + 0.35·mixed − 0.15·BCE)",
-             f"- against the prompts' domain labels: top-1 {r['label_top1']:.1%}, set match {r['label_set_match']:.1%}",
-             "",
-             "**The oracle's best combination of stacks**, share of each domain's prompts (the base alone = `base`"
-             + (f"; every combination runs chat at ≥ {floor}, as inference does" if floor else "") + "). "
-             + oracle_finding(r), ""]
-    # one column per search: after an exhaustive one, also the released code's greedy search on the same
-    # losses (route.py's searches_compared); a router.json without "oracle_by_search" gets one from "oracle"
-    searches = r.get("oracle_by_search", {})
-    header = " | ".join(f"{s} search" for s in searches) or "winning combinations"
-    lines += [f"| prompts | n | {header} |", "|---|---:|" + "---|" * max(1, len(searches))]
-    for d, o in r["oracle"].items():
-        cells = [_shares_row(searches[s][d]) for s in searches] or [_shares_row(o)]
-        lines.append(f"| {d} | {o['n']} | " + " | ".join(cells) + " |")
-    # what the trained router does on its held-out prompts, as routing_weights switches stacks on
-    lines += ["", "**What the router switches on** for held-out prompts "
-              "(inference rule: chat ≥ 0.2, p ≤ 0.12 off):", "",
-              "| prompts | n | switched-on stacks |", "|---|---:|---|"]
-    for d, o in r["routes"].items():
-        lines.append(f"| {d} | {o['n']} | " + _shares_row(o) + " |")
-    lines += ["", f"![router]({figure})", ""]
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -212,6 +212,7 @@ def route_stage(path: str | Path, preset: Preset | str | None = None, progress: 
         "mixed_kinds": kinds,
         "params": sum(p.numel() for p in router.parameters()),
         "search": cfg.search,
+        "config": asdict(cfg),  # the RouterConfig it ran with: report.md states its rule from here
         "seconds": {"oracle": t_oracle, "total": time.time() - t0},
         "paper": {"oracle": PAPER_ORACLE},  # the paper's medical shares (32 of 33 chat+math), for the report
         "files": {"router": str(run / ROUTER_DIR), "json": str(run / "router.json"), "plot": str(run / "router.png")},
