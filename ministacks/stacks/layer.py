@@ -238,45 +238,47 @@ class FusedStacks:
 
         [h | z] = x @ [A_1; …; A_S; R_1; …; R_S]ᵀ        one matmul      [T, Σ E_s·r_s + Σ E_s]
                                                         (expert activations h, router logits z)
-        g_s = topk_softmax(z_s) · w_d(s) · scale_s      per stack       [T, E_s]
-        Δ = (h ⊙ repeat(g, r)) @ [B_1 … B_S]ᵀ           one matmul      [T, d_out]
+        g_s = softmax(top-k of z_s), 0 elsewhere        per run         [T, S, E]
+        Δ = (h ⊙ g, each gate over its expert's r columns) @ [w_1·s_1·B_1 … w_S·s_S·B_S]ᵀ    one matmul
 
-    The gates depend on x, so they cannot be folded into B once and for all; the domain weights and
-    rsLoRA scales can, and are, folded into one per-column scale.
+    The gates depend on x, so they cannot be folded into B once and for all; the domain weights w and
+    rsLoRA scales s can, and are: they scale each adapter's columns of B when the pass is built, so a
+    token pays only for its gates. Consecutive adapters with the same routing spec form one run, gated
+    with one top-k over [T, S, E]; a gate multiplies its expert's r activations by broadcasting over a
+    [T, S, E, r] view, so no per-token copy of the gates is made. Generation runs this once per token per
+    projection, and every op saved here is saved 7 times per layer per token.
     """
 
     def __init__(self, layer: StackedLinear, live: list[str], key: tuple):
         self.key = key
-        As, Rs, Bs, groups = [], [], [], []  # groups: (routing spec, column scale) per adapter
+        As, Rs, Bs, specs = [], [], [], []  # the routing spec of each adapter, in order
         for domain in live:
             w = layer.weight_of(domain)
             for adapter in layer.stacks[domain]:
                 if isinstance(adapter, MoELoRA):
                     E, r = adapter.n_experts, adapter.r
                     As.append(adapter.lora_A.reshape(E * r, -1))  # [E·r, d_in]
-                    Bs.append(adapter.lora_B.permute(1, 0, 2).reshape(adapter.lora_B.shape[1], E * r))  # [d_out, E·r]
+                    B = adapter.lora_B.permute(1, 0, 2).reshape(adapter.lora_B.shape[1], E * r)  # [d_out, E·r]
+                    Bs.append(B * (w * adapter.scaling))
                     Rs.append(adapter.router.weight)  # [E, d_in]
-                    groups.append(((E, r, adapter.top_k, adapter.routing, adapter.top_p), w * adapter.scaling))
+                    specs.append((E, r, adapter.top_k, adapter.routing, adapter.top_p))
                 elif isinstance(adapter, LoRA):
                     As.append(adapter.lora_A)
-                    Bs.append(adapter.lora_B)
-                    groups.append(((1, adapter.r, 1, "lora", 1.0), w * adapter.scaling))
+                    Bs.append(adapter.lora_B * (w * adapter.scaling))
+                    specs.append((1, adapter.r, 1, "lora", 1.0))
                 else:
                     raise TypeError(f"cannot fuse a {type(adapter).__name__}")
-        # consecutive adapters with the same routing spec are gated together: one top-k over [T, S, E]
-        # instead of S small ones (generation runs this once per token per projection)
-        self.runs: list[tuple[tuple, torch.Tensor]] = []  # (spec, scales [S])
-        for spec, scale in groups:
+        self.runs: list[list] = []  # [spec, S]: S consecutive adapters with the same spec
+        for spec in specs:
             if self.runs and self.runs[-1][0] == spec:
-                self.runs[-1][1].append(scale)
+                self.runs[-1][1] += 1
             else:
-                self.runs.append((spec, [scale]))
-        self.runs = [(spec, torch.tensor(scales)) for spec, scales in self.runs]
+                self.runs.append([spec, 1])
         with torch.no_grad():
             # the experts' A rows and the routers' rows in one matrix: one matmul gives both (as in MoELoRA)
             self.AR = torch.cat(As + Rs).detach()  # [Σ E·r + Σ_moe E, d_in]
             self.C = sum(a.shape[0] for a in As)  # Σ E·r
-            self.B = torch.cat(Bs, dim=1).detach()  # [d_out, Σ E·r]
+            self.B = torch.cat(Bs, dim=1).detach()  # [d_out, Σ E·r], each adapter's columns scaled by w·s
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -284,17 +286,25 @@ class FusedStacks:
         # T tokens, F d_in, C = Σ E·r columns, O d_out, S stacks in a run, E experts, r rank
         hz = F.linear(x, self.AR)  # [T, C + Σ_moe E]
         h, z = hz[:, : self.C], hz[:, self.C :]  # expert activations [T, C], router logits [T, Σ_moe E]
-        gates, zi = [], 0
-        for (E, r, k, routing, top_p), scales in self.runs:
-            S = len(scales)
-            if routing == "lora":
-                g = scales.to(h)[None, :, None].expand(h.shape[0], S, 1)  # [T, S, 1]
+        parts, hi, zi = [], 0, 0
+        for (E, r, k, routing, top_p), S in self.runs:
+            width = S * E * r
+            hs = h[:, hi : hi + width]
+            hi += width
+            if routing == "lora":  # a LoRA's gate is 1: its columns pass as they are
+                parts.append(hs)
+                continue
+            zs = z[:, zi : zi + S * E].view(-1, S, E)
+            zi += S * E
+            if routing == "top_k":
+                # softmax over the k kept logits, zero elsewhere: route()'s gates in three ops
+                kept, idx = zs.topk(k, dim=-1)
+                g = torch.zeros_like(zs).scatter(-1, idx, kept.softmax(dim=-1))  # [T, S, E]
             else:
-                g = route(z[:, zi : zi + S * E].view(-1, S, E), routing, k, top_p)[0]  # [T, S, E]
-                g = g * scales.to(h)[None, :, None]
-                zi += S * E
-            gates.append(g.repeat_interleave(r, dim=-1).reshape(h.shape[0], S * E * r))  # [T, S·E·r]
-        return F.linear(h * torch.cat(gates, dim=-1), self.B).view(*lead, -1)  # [..., O]
+                g = route(zs, routing, k, top_p)[0]  # [T, S, E]
+            parts.append((hs.view(-1, S, E, r) * g.unsqueeze(-1)).view(-1, width))  # [T, S·E·r]
+        gated = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return F.linear(gated, self.B).view(*lead, -1)  # [..., O]
 
 
 # -- whole-model operations ------------------------------------------------------------------------
