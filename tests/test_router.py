@@ -482,3 +482,15 @@ def test_combination_losses_refuse_examples_with_nothing_to_score(tiny):
     with pytest.raises(ValueError, match="no scored token"):
         ComboLosses(model, ExampleSet(tok, exs, completion_only=True, max_len=256))
     assert answerable(tok, exs, 256) == exs[:1]
+
+
+def test_the_oracles_cache_key_follows_the_answers_too(tmp_path):
+    """The targets are losses of the answers: the same prompts with another answer must not reuse them."""
+    from ministacks.data import Example
+    from ministacks.stages.route import _targets_key
+
+    manifest = {"base_fingerprint": "b", "stacks": []}
+    a = [Example("math", "What is 2+2?", "", "4", None, "t")]
+    b = [Example("math", "What is 2+2?", "", "5", None, "t")]
+    assert _targets_key(tmp_path, manifest, a, RouterConfig()) == _targets_key(tmp_path, manifest, list(a), RouterConfig())
+    assert _targets_key(tmp_path, manifest, a, RouterConfig()) != _targets_key(tmp_path, manifest, b, RouterConfig())

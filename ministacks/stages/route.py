@@ -77,10 +77,11 @@ def _targets_key(run: Path, manifest: dict, examples: list, cfg: RouterConfig) -
 
     - the base and the stacks' content (stacks.manifest.content_key): a stack retrained under the same
       name changes the key, where a key of names would hand back the old stacks' targets;
-    - the prompts (Example.key(): normalised instruction + input), in order, as the targets are rows;
+    - the prompts (Example.key(): normalised instruction + input) and their answers, in order, as the
+      targets are rows and each is the loss of its answer;
     - the settings that change the search or the targets built from its answer."""
     search = [cfg.search, cfg.min_gain, cfg.chat_floor, cfg.oracle_chat_floor, cfg.reasoning_soft, cfg.label_weight]
-    return content_key(run, manifest, [ex.key() for ex in examples], search)
+    return content_key(run, manifest, [[ex.key(), ex.response] for ex in examples], search)
 
 
 def oracle_targets(model: nn.Module, tok, examples: list, domains: tuple[str, ...], manifest: dict, run: Path,
