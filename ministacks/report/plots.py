@@ -127,6 +127,10 @@ def plot_boost(result: dict, path: str | Path) -> Path:
         ax.plot([offset + s for s in steps], losses, "o-", ms=4, label=f"round {i + 1}: best {r['best_loss']:.4f}")
         ax.axvline(offset, color="gray", lw=0.6, ls=":")
         offset += r["steps_run"]  # a round the guard stopped early takes only the steps it ran
+    control = result.get("control")
+    if control is not None:  # one stack for as many steps as all the rounds: what boosting must beat
+        steps, losses = zip(*control["val_curve"])
+        ax.plot(steps, losses, "k--", lw=1, label=f"control, one stack: best {control['best_loss']:.4f}")
     ax.set_xlabel("cumulative step")
     ax.set_ylabel("validation loss")
     ax.set_title(f"Residual boosting on {result['domain']} (stop: gain < {result['min_improvement']})")

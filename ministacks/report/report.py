@@ -158,6 +158,11 @@ def boost_section(b: dict) -> str:
                    f"({best[0]:.4f}), a change of {best[1] - best[0]:+.4f}.")
     else:
         finding = "Only one round ran, so there is no round 2 to compare with round 1."
+    c = b.get("control")  # not in the paper: one stack trained as long as all the rounds together
+    if c is not None:
+        finding += (f" The control, one fresh stack trained for the rounds' {c['steps']} steps, reached "
+                    f"{c['best_loss']:.4f}: boosting's best ({min(best):.4f}) is "
+                    f"{_compare(min(best), c['best_loss'], 'below', 'above')} it ({min(best) - c['best_loss']:+.4f}).")
     return "\n".join([
         f"## Residual boosting on {b['domain']}",
         "",
