@@ -75,18 +75,20 @@ def test_a_run_killed_mid_round_resumes_to_the_same_stacks(base, tmp_path, monke
     ref = run_continual(preset, base, tmp_path / "ref", progress=False)
 
     real_round = sft.train_round  # the boosting loop (sft.boost_domain) calls it
-    calls = {"steps": 0}
+    assert [(s["domain"], s["round"]) for s in ref["stacks"]][-1] == ("code", 2)  # code's second round runs
 
     def killing_round(*args, **kwargs):
-        inner = kwargs.get("after_step")
+        # the round is named by the owner the boosting loop gives it, not by counting steps: a round the
+        # guard stops early must not move the kill into another round
+        inner, owner, calls = kwargs.get("after_step"), kwargs.get("owner"), {"steps": 0}
 
         def after_step(model):
             if inner is not None:
                 inner(model)
             calls["steps"] += 1
-            # chat's two rounds and code's first done and saved, code's second half way: the resumed run must
+            # chat's rounds and code's first done and saved, code's second half way: the resumed run must
             # keep training code with the basis it started with, although code_r01 now changes later layers' inputs
-            if calls["steps"] == 6 + 6 + 6 + 3:
+            if owner == {"domain": "code", "round": 2} and calls["steps"] == 3:
                 raise Killed
 
         kwargs["after_step"] = after_step
