@@ -40,9 +40,9 @@ def test_boost_section_sets_the_rounds_beside_the_control():
               for b in (2.5, 2.0)]
     b = {"domain": "chat", "rounds": rounds, "min_improvement": 0.002, "paper": {"note": "n", "round2_best": 0.85}}
     worse = boost_section({**b, "control": {"steps": 20, "best_loss": 1.9}})
-    assert "trained for the rounds' 20 steps, reached 1.9000: boosting's best (2.0000) is above it (+0.1000)." in worse
+    assert "trained for the rounds' 20 steps reached 1.9000; boosting's best (2.0000, 2 rounds) is above it (+0.1000)." in worse
     better = boost_section({**b, "control": {"steps": 20, "best_loss": 2.2}})
-    assert "boosting's best (2.0000) is below it (-0.2000)." in better
+    assert "boosting's best (2.0000, 2 rounds) is below it (-0.2000)." in better
     assert "control" not in boost_section(b)  # a boost.json written before the control existed
 
 

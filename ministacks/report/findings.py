@@ -76,7 +76,8 @@ def _unmeasured(finding: str, paper: str, why: str, ours: str = NOT_RECORDED) ->
     return _row(finding, paper, ours, "not measured", 0, f"Not measured here: {why}.")
 
 
-def _word(ours: float, theirs: float) -> str:
+def compare_word(ours: float, theirs: float) -> str:
+    """How `ours` stands to `theirs`, in the word every comparison sentence of report.md uses."""
     return "equal to" if ours == theirs else "below" if ours < theirs else "above"
 
 
@@ -154,7 +155,7 @@ def control_sentence(b: dict | None) -> str:
         "steps_run", c["steps"]) < c["steps"] else ""
     return (f"Control (not in the paper): one fresh stack trained for the rounds' {c['steps']} steps{ran} reached "
             f"{c['best_loss']:.4f}; boosting's best ({best:.4f}, {len(b['rounds'])} rounds) is "
-            f"{_word(best, c['best_loss'])} it ({best - c['best_loss']:+.4f}).")
+            f"{compare_word(best, c['best_loss'])} it ({best - c['best_loss']:+.4f}).")
 
 
 def boosting(b: dict | None) -> dict:
@@ -168,7 +169,7 @@ def boosting(b: dict | None) -> dict:
     if "control" in b:
         c = b["control"]
         control = (f"control, one stack for {c['steps']} steps: {c['best_loss']:.4f} "
-                   f"(boosting {_word(min(best), c['best_loss'])} it)")
+                   f"(boosting {compare_word(min(best), c['best_loss'])} it)")
     else:
         control = "control not run"
     ours = "rounds' best " + " → ".join(f"{v:.4f}" for v in best) + f"; {control}"

@@ -23,9 +23,12 @@ OUT is the demo's folder; RUN is the continual run the router and the evaluation
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+
+from ..stacks.layer import AdapterConfig
 
 
 def _save(fig, path: Path) -> Path:
@@ -80,6 +83,12 @@ def plot_pretrain(summary: dict, path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def recorded_adapter(compare: dict) -> dict:
+    """The adapter shape Exp 1 ran with (compare.json's "adapter"); one written before it was recorded
+    ran the paper's literal AdapterConfig()."""
+    return compare.get("adapter", asdict(AdapterConfig()))
+
+
 def plot_compare(result: dict, path: str | Path) -> Path:
     """Like the paper's Figure 2: MoE-LoRA and single-LoRA validation curves, and the gap at each checkpoint.
 
@@ -88,7 +97,9 @@ def plot_compare(result: dict, path: str | Path) -> Path:
     where MoE-LoRA is ahead; the paper has MoE ahead at all 8 (§9)."""
     path = Path(path)
     fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    for kind, label in (("moe", "MoE-LoRA (4 × r16, top-2)"), ("lora", "single LoRA (r64)")):
+    a = recorded_adapter(result)
+    for kind, label in (("moe", f"MoE-LoRA ({a['n_experts']} × r{a['r']}, top-{a['top_k']})"),
+                        ("lora", f"single LoRA (r{a['lora_r']})")):
         steps, losses = zip(*result[kind]["val_curve"])
         # the parameter counts in the legend show the match the comparison rests on
         ax.plot(steps, losses, "o-", ms=4, label=f"{label}, {result[kind]['params'] / 1e6:.2f}M params")

@@ -16,7 +16,7 @@ only, so a report can be rebuilt from a finished folder without training anythin
 (§N: docs/brainstacks.md §N; writers in ministacks/stages/.) Each links its stage's figure (plots.py).
 
 The rule: every sentence that compares or concludes is built from the numbers it compares.
-  - the word is chosen from the numbers: `_compare` says "below" or "above" (or "equal to");
+  - the word is chosen from the numbers: `compare_word` says "below" or "above" (or "equal to");
   - a count is counted: checkpoints ahead, off-diagonal losses lowered, domains where routed beats base;
   - a finding the run did not measure is never printed: one boosting round, no medical prompts, no
     domain in all three modes each get a sentence that says so;
@@ -33,11 +33,8 @@ from ..io import atomic_write_text
 from ..lm.model import PROJECTION_NAMES
 from ..lm.pretrain import PretrainConfig
 from ..evaluation.tasks import wilson_interval
-
-
-def _compare(ours: float, theirs: float, lower: str, higher: str) -> str:
-    """The word for how `ours` stands to `theirs`: `lower`, `higher`, or "equal to"."""
-    return "equal to" if ours == theirs else lower if ours < theirs else higher
+from .findings import compare_word, control_sentence
+from .plots import recorded_adapter
 
 
 def _fence(text: str) -> str:
@@ -105,7 +102,7 @@ def compare_section(c: dict) -> str:
     p = c["paper"]  # report/paper.py's PAPER_EXP1, carried in compare.json
     moe, lora = c["moe"], c["lora"]
     # the run's own adapter shape (compare.json written before it was recorded: the paper's literal one)
-    a = c.get("adapter", {"n_experts": 4, "r": 16, "top_k": 2, "lora_r": 64})
+    a = recorded_adapter(c)
     ahead = sum(1 for (s, m), (_, l) in zip(moe["val_curve"][1:], lora["val_curve"][1:]) if m < l)
     n = len(moe["val_curve"]) - 1  # step 0 is no checkpoint: both arms are the zero-init identity there
     # the paper reports minutes for its 400-step runs (§9): per step, to sit beside our seconds per step;
@@ -154,15 +151,12 @@ def boost_section(b: dict) -> str:
                     f"| {r['stop_reason']} (step {r['best_step']} best of {r['steps_run']}) |")
     best = [r["best_loss"] for r in b["rounds"]]
     if len(best) > 1:  # the paper's finding is about round 2: with one round there is nothing to compare
-        finding = (f"Round 2's best ({best[1]:.4f}) is {_compare(best[1], best[0], 'below', 'above')} round 1's "
+        finding = (f"Round 2's best ({best[1]:.4f}) is {compare_word(best[1], best[0])} round 1's "
                    f"({best[0]:.4f}), a change of {best[1] - best[0]:+.4f}.")
     else:
         finding = "Only one round ran, so there is no round 2 to compare with round 1."
-    c = b.get("control")  # not in the paper: one stack trained as long as all the rounds together
-    if c is not None:
-        finding += (f" The control, one fresh stack trained for the rounds' {c['steps']} steps, reached "
-                    f"{c['best_loss']:.4f}: boosting's best ({min(best):.4f}) is "
-                    f"{_compare(min(best), c['best_loss'], 'below', 'above')} it ({min(best) - c['best_loss']:+.4f}).")
+    if "control" in b:  # not in the paper: one stack trained as long as all the rounds together
+        finding += " " + control_sentence(b)  # the sentence the findings table prints under it
     return "\n".join([
         f"## Residual boosting on {b['domain']}",
         "",
