@@ -42,9 +42,8 @@ def projection_shapes(model_cfg: ModelConfig) -> tuple[int, list[tuple[int, int]
     return model.num_params(), shapes
 
 
-def stack_params(model_cfg: ModelConfig, cfg: AdapterConfig, kind: str = "moe") -> int:
-    """Parameters of one stack of `kind` ("moe" or "lora") on a model of `model_cfg`."""
-    _, shapes = projection_shapes(model_cfg)
+def _count(shapes: list[tuple[int, int]], cfg: AdapterConfig, kind: str) -> int:
+    """Parameters of one stack of `kind` on projections of these shapes (the formula above)."""
     if kind == "moe":
         return sum(cfg.n_experts * cfg.r * (i + o) + 2 * cfg.n_experts * i for i, o in shapes)
     if kind == "lora":
@@ -52,18 +51,23 @@ def stack_params(model_cfg: ModelConfig, cfg: AdapterConfig, kind: str = "moe") 
     raise ValueError(f"unknown adapter kind {kind!r}: use 'moe' or 'lora'")
 
 
+def stack_params(model_cfg: ModelConfig, cfg: AdapterConfig, kind: str = "moe") -> int:
+    """Parameters of one stack of `kind` ("moe" or "lora") on a model of `model_cfg`."""
+    return _count(projection_shapes(model_cfg)[1], cfg, kind)
+
+
 def stack_share(model_cfg: ModelConfig, cfg: AdapterConfig) -> float:
     """One MoE-LoRA stack's parameters as a share of the base's."""
-    base, _ = projection_shapes(model_cfg)
-    return stack_params(model_cfg, cfg) / base
+    base, shapes = projection_shapes(model_cfg)
+    return _count(shapes, cfg, "moe") / base
 
 
 def scaled_adapter(model_cfg: ModelConfig, share: float = PAPER_STACK_SHARE["TinyLlama-1.1B"],
                    cfg: AdapterConfig = AdapterConfig()) -> AdapterConfig:
     """`cfg` with the expert rank whose stack share of this base is nearest `share` (at least 1), and the
     single LoRA's rank set to match the MoE stack's parameter count as closely as a whole rank can."""
-    ranks = range(1, cfg.r + 1)
-    r = min(ranks, key=lambda r: abs(stack_share(model_cfg, replace(cfg, r=r)) - share))
-    moe = stack_params(model_cfg, replace(cfg, r=r))
-    per_rank = stack_params(model_cfg, replace(cfg, lora_r=1), kind="lora")
+    base, shapes = projection_shapes(model_cfg)  # once: every candidate rank is counted on the same shapes
+    r = min(range(1, cfg.r + 1), key=lambda r: abs(_count(shapes, replace(cfg, r=r), "moe") / base - share))
+    moe = _count(shapes, replace(cfg, r=r), "moe")
+    per_rank = _count(shapes, replace(cfg, lora_r=1), "lora")
     return replace(cfg, r=r, lora_r=max(1, round(moe / per_rank)))
