@@ -16,10 +16,13 @@ import time
 import pytest
 
 from ministacks.data import (
-    DOMAINS, DataConfig, Example, UserDataError, general_corpus, load_domain_splits, load_split,
+    DOMAINS, DataConfig, Example, UserDataError, general_corpus, general_text, load_domain_splits, load_split,
     load_user_data, raw_text, recipe_dir, render_alpaca,
 )
+from ministacks.data import math as math_module
+from ministacks.data.general import prose_read as general_prose_read
 from ministacks.data import splits as splits_module
+from ministacks.evaluation.tasks import score_math
 
 SMALL = DataConfig(max_examples=300, n_val=30, n_test=30)
 ICD_CODE = re.compile(r"^[A-Z][0-9][0-9A-Z](\.[0-9A-Z]{1,4})?$")
@@ -57,6 +60,8 @@ def test_bad_names_and_config_raise_clear_errors(cache):
         load_split("math", "dev", SMALL, cache)
     with pytest.raises(ValueError, match="leaves no training data"):
         DataConfig(max_examples=50, n_val=30, n_test=30)
+    with pytest.raises(ValueError, match="arithmetic_share must be in"):
+        DataConfig(arithmetic_share=1.5)
 
 
 # --- the five domains ---------------------------------------------------------------------------
@@ -96,6 +101,52 @@ def test_code_responses_are_functions_without_their_docstring(built):
         assert f"`{fn.name}(" in ex.instruction or f".{fn.name}(" in ex.instruction
 
 
+# --- math: word problems and arithmetic ------------------------------------------------------------
+
+def test_math_holds_the_arithmetic_share_in_every_split(built, cache):
+    share = SMALL.arithmetic_share
+    assert share > 0
+    stats = splits_module.domain_stats("math", SMALL, cache)["sources"][math_module.ARITHMETIC_SOURCE]
+    for split, examples in built["math"].items():
+        arithmetic = [ex.source == math_module.ARITHMETIC_SOURCE for ex in examples]
+        assert set(ex.source for ex in examples) == {math_module.ARITHMETIC_SOURCE, math_module.WORD_SOURCE}
+        assert sum(arithmetic) == stats[split]
+        assert abs(sum(arithmetic) / len(examples) - share) < 0.02, split  # exact up to rounding
+        # interleaved, not only in the whole split: the evaluation reads a split's first k
+        assert abs(sum(arithmetic[:10]) - 10 * share) <= 1, split
+    n = {split: sum(ex.source == math_module.ARITHMETIC_SOURCE for ex in built["math"][split]) for split in ("val", "test")}
+    assert n == {"val": round(share * SMALL.n_val), "test": round(share * SMALL.n_test)}
+
+
+def test_every_math_reference_is_scored_correct(built):
+    for ex in (e for examples in built["math"].values() for e in examples):
+        assert ex.response.endswith(f"\n#### {ex.answer}")
+        assert score_math(ex.response, ex.answer), ex.response
+        assert not score_math(ex.response, str(int(float(ex.answer)) + 1))  # a test that can fail
+        if ex.source == math_module.ARITHMETIC_SOURCE:
+            expression = ex.instruction.removeprefix("Calculate ").removesuffix(".")
+            assert ex.response == f"{expression} = {ex.answer}\n#### {ex.answer}"
+            assert eval(expression) == int(ex.answer)  # true division: the answer is the exact value
+
+
+def test_arithmetic_keeps_exact_integer_answers_in_one_spelling():
+    ex = math_module.arithmetic_example("( -( -91 / 7 ) )", "13")
+    assert (ex.instruction, ex.response, ex.answer) == ("Calculate -(-91 / 7).", "-(-91 / 7) = 13\n#### 13", "13")
+    assert math_module.arithmetic_example("( 5 * 3 )", "15").key() == math_module.arithmetic_example("5 * 3", "15").key()
+    assert math_module.arithmetic_example("7 / 2", "3") is None  # the gym's floor division, not the value
+    assert math_module.arithmetic_example("8 / 0", "0") is None
+    assert math_module.arithmetic_example("2 ** 3", "8") is None  # not one of + - * /
+
+
+def test_arithmetic_share_zero_is_the_word_problems_alone(tmp_path):
+    cfg = dataclasses.replace(SMALL, arithmetic_share=0.0)
+    splits = load_domain_splits("math", cfg, tmp_path)
+    assert {ex.source for examples in splits.values() for ex in examples} == {math_module.WORD_SOURCE}
+    # one pool, split as before arithmetic existed: the word-problem builder alone, no shares
+    words = math_module.word_problems(int(cfg.max_examples * cfg.oversample), cfg.seed)
+    assert splits == splits_module.make_splits("math", words, cfg)
+
+
 # --- splits ---------------------------------------------------------------------------------------
 
 def test_splits_are_disjoint_by_normalised_prompt(built):
@@ -118,20 +169,37 @@ def test_splits_are_deterministic_and_follow_the_seed(built, tmp_path):
 
 # --- general corpus -------------------------------------------------------------------------------
 
-def test_general_corpus_holds_train_examples_only(built, cache):
+def test_general_corpus_holds_train_examples_and_train_prose_only(built, cache):
     docs = general_corpus(SMALL, cache)
     held_out = [e for by_split in built.values() for s in ("val", "test") for e in by_split[s]]
     held_keys = {e.key() for e in held_out}
     train_by_doc = {raw_text(e): e for by_split in built.values() for e in by_split["train"]}
-    assert len(docs) > 0.9 * len(train_by_doc)
+    train_prose = general_text(SMALL, "train")
+    prose = {d for d in docs if d in set(train_prose)}
+    held_prose = set(general_text(SMALL, "val")) | set(general_text(SMALL, "test"))
+    assert len(docs) > 0.9 * len(train_by_doc) + len(prose)
     doc_set = set(docs)
     assert not any(raw_text(e) in doc_set for e in held_out)
-    for doc in docs:
+    assert not held_prose & doc_set
+    # the train prose read is its first documents, as much text as an average domain (SMALL's domains
+    # are smaller than the manual, so not all of it)
+    assert prose == set(train_prose[: len(prose)]) and 0 < len(prose) < len(train_prose)
+    domain_chars = sum(len(d) for d in docs if d not in prose) / len(DOMAINS)
+    assert sum(map(len, prose)) <= domain_chars < sum(map(len, train_prose[: len(prose) + 1]))
+    for doc in (d for d in docs if d not in prose):
         assert "### Instruction:" not in doc  # raw text, no template
-        assert doc in train_by_doc, "a document that is not a train example"
+        assert doc in train_by_doc, "a document that is neither a train example nor train prose"
         assert train_by_doc[doc].key() not in held_keys
     assert docs == general_corpus(SMALL, cache)
     assert docs != sorted(docs) and {e.domain for e in train_by_doc.values()} == set(DOMAINS)
+    # the prose is shuffled in among the examples, not appended after them
+    at = [i for i, d in enumerate(docs) if d in prose]
+    assert at[0] < len(docs) // 4 and at[-1] > 3 * len(docs) // 4
+
+
+def test_all_train_prose_is_read_beside_domains_larger_than_it():
+    big = [Example("chat", "q", "", "x" * 10_000, None, "test")] * 500  # 1M characters per domain
+    assert general_prose_read(SMALL, big) == general_text(SMALL, "train")
 
 
 # --- cache ----------------------------------------------------------------------------------------
@@ -240,9 +308,14 @@ def test_pretraining_can_read_a_share_of_the_corpus_in_the_template():
     assert general_corpus(SMALL, template_share=0.0) == raw
     half, everything = general_corpus(SMALL, template_share=0.5), general_corpus(SMALL, template_share=1.0)
     assert len(half) == len(everything) == len(raw)
-    templated = [d for d in half if d.startswith("Below is an instruction")]
-    assert 0.35 < len(templated) / len(half) < 0.65
-    assert all(d.startswith("Below is an instruction") for d in everything)
+    prose = set(general_text(SMALL, "train"))
+    examples = [d for d in half if d not in prose]
+    assert len(examples) < len(half)  # some prose is in it
+    templated = [d for d in examples if d.startswith("Below is an instruction")]
+    assert 0.35 < len(templated) / len(examples) < 0.65
+    # the prose has no instruction or response: raw text whatever the share, in the same places
+    assert [d in prose for d in everything] == [d in prose for d in raw]
+    assert all(d.startswith("Below is an instruction") for d in everything if d not in prose)
     assert set(templated) <= set(everything)  # an example's choice does not depend on the share's neighbours
     # never a validation or test example, templated or not
     held_out = {ex.text() for d in DOMAINS for s in ("val", "test") for ex in load_split(d, s, SMALL)}

@@ -90,6 +90,11 @@ class DataConfig:
                                       # that dedupe and the length filter still leave max_examples
     reasoning_tasks: tuple[str, ...] = REASONING_TASKS  # reasoning-gym generators, mixed round-robin
     max_disease_features: int = 8     # a disease lists at most this many HPO features (keeps it < max_example_chars)
+    arithmetic_share: float = 0.5     # share of the math domain that is single-step arithmetic (math.py), in
+                                      # every split: word problems alone are never solved at CPU size, so the
+                                      # math accuracy could not tell one model from another. Half: 100 of the
+                                      # 200 test examples, enough for a 95% interval within ±10 points on
+                                      # the task a small model can answer. 0: word problems only
 
     def __post_init__(self):
         # a list would make the config unhashable and its cache key depend on the container type
@@ -103,6 +108,8 @@ class DataConfig:
             )
         if self.oversample < 1.0:
             raise ValueError(f"oversample must be >= 1.0, got {self.oversample}")
+        if not 0.0 <= self.arithmetic_share <= 1.0:
+            raise ValueError(f"arithmetic_share must be in [0, 1] (0: word problems only), got {self.arithmetic_share}")
         unknown = sorted(set(self.reasoning_tasks) - set(REASONING_TASKS))
         if unknown or not self.reasoning_tasks:
             raise ValueError(f"reasoning_tasks must be a non-empty subset of {REASONING_TASKS}, got unknown {unknown}")

@@ -15,7 +15,8 @@ mixed prompt of a call, which keeps those groups small. The kinds, each with a r
       A 42 kg patient is being treated for the following condition: Anti-tissue transglutaminase
       antibody positivity. The ordered dose is 10 mg/kg/day, split into 2 equal doses. How many mg
       is each dose?
-  code+math       a real GSM8K-style problem from the math split, to be solved by a Python function
+  code+math       a real GSM8K-style problem from the math split (never its arithmetic), to be solved by a
+                  Python function
       John has a plant stand at the community market. ... how much will he make? Give the result as
       your final answer. Do not include units.
       Don't work it out by hand: write a Python function that calculates the answer and returns it.
@@ -34,7 +35,7 @@ mixed prompt of a call, which keeps those groups small. The kinds, each with a r
       concrete call to check your answer.
 
 At the default config a val or test split supplies ~75 prompts of each medical kind (they share the
-200 medical items, less ICD's non-condition chapters), ~190 code+math and 200 reasoning+code; train
+200 medical items, less ICD's non-condition chapters), ~140 code+math and 200 reasoning+code; train
 about 13× as many.
 
     >>> from ministacks.data import DataConfig, mixed_prompts
@@ -52,6 +53,7 @@ from pathlib import Path
 from random import Random
 
 from .example import DOMAINS, DataConfig, Example, check_split, derived_rng
+from .math import WORD_SOURCE
 from .medical import DEFINE, FEATURES, ICD_CODE
 from .splits import load_split
 
@@ -314,7 +316,8 @@ BUILDERS: dict[str, Callable[[Take, Random], MixedPrompt | None]] = {
 # which corpus items each domain can lend at all; the per-template length check happens in `take`
 USABLE: dict[str, Callable[[Example], bool]] = {
     "medical": lambda e: medical_term(e) is not None,
-    "math": lambda e: len(raw_prompt(e)) <= MAX_PROMPT_CHARS,
+    # word problems only: "Turn this word problem into code" does not fit "Calculate 5 * 3."
+    "math": lambda e: e.source == WORD_SOURCE and len(raw_prompt(e)) <= MAX_PROMPT_CHARS,
     "chat": is_greeting,
     "code": lambda e: _SIGNATURE.search(e.instruction) is not None,
 }

