@@ -137,11 +137,15 @@ def test_a_domain_at_or_below_threshold_costs_nothing_and_adds_nothing():
         layer.use_fused = True
     set_stacks(model, StacksOn.weighted({"chat": 1.0, "code": 0.1}))
     model(x)
-    layer = next(stacked_layers(model))
-    n_chat_cols = sum(a.n_experts * a.r for a in layer.stacks["chat"])
-    n_chat_router_rows = sum(a.n_experts for a in layer.stacks["chat"])
-    assert layer._fused.C == n_chat_cols and layer._fused.B.shape[1] == n_chat_cols
-    assert layer._fused.AR.shape[0] == n_chat_cols + n_chat_router_rows
+    attn = model.layers[0].self_attn
+    n_chat_cols = sum(a.n_experts * a.r for a in attn.o_proj.stacks["chat"])
+    n_chat_router_rows = sum(a.n_experts for a in attn.o_proj.stacks["chat"])
+    o = attn.o_proj._fused  # o_proj's own pass
+    assert o.C == n_chat_cols and o.Bt[0].shape[0] == n_chat_cols
+    assert o.AR.shape[0] == n_chat_cols + n_chat_router_rows
+    qkv = attn.q_proj._joint  # q, k and v in one pass: three times chat's columns, nothing of code's
+    assert qkv.C == 3 * n_chat_cols and [Bt.shape[0] for Bt in qkv.Bt] == [n_chat_cols] * 3
+    assert qkv.AR.shape[0] == 3 * (n_chat_cols + n_chat_router_rows)
 
 
 def test_ungated_weighted_and_base_only_switches():

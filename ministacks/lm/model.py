@@ -17,7 +17,10 @@ Module names mirror Hugging Face `LlamaForCausalLM` exactly (`embed_tokens`, `la
 projections here and on a real pretrained Llama, and our state dict copies into HF's by name
 (`tests/test_model.py` checks the logits agree). The seven projections are plain `nn.Linear`s and
 are always *called* (`self.q_proj(x)`), never read through `.weight`, because the adapter code
-swaps them for wrapper modules (MoE-LoRA stacks, 4-bit linears) that must see every input.
+swaps them for wrapper modules (MoE-LoRA stacks, 4-bit linears) that must see every input. The
+projections that read one input (q, k, v; gate, up) are called through `project`, which lets such a
+wrapper compute them together (stacks/layer.py's `joint_forward`: one pass of the frozen stacks
+instead of one per projection, what generation pays for per token) and is a plain call otherwise.
 
 Everything here runs in fp32: on a CPU without bf16 hardware, bf16 autocast is ~38x slower.
 """
@@ -168,6 +171,16 @@ class KVCache:
         self.length += n
 
 
+def project(x: torch.Tensor, *projections: nn.Module) -> tuple[torch.Tensor, ...]:
+    """(p(x) for p in projections), for projections that all read x.
+
+    The first projection may offer `joint_forward(x, projections)`, which returns all the outputs from one
+    pass or None where it cannot; duck-typed, so this file knows nothing of what wraps its projections."""
+    joint = getattr(projections[0], "joint_forward", None)
+    out = joint(x, projections) if joint is not None else None
+    return tuple(p(x) for p in projections) if out is None else tuple(out)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -182,9 +195,10 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape  # H query heads, K kv heads, D head_dim
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, D]
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, K, T, D]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
         start = 0
@@ -217,7 +231,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.ff_dim, cfg.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -20,8 +20,9 @@ it", "route to these domains" are one call each, on our model and on a Hugging F
   `freeze_active(..., keep_train_mode=True)` reproduces that.
 - Which frozen stacks run is one `StacksOn` (ungated, weighted, or the base alone); a domain at or
   below `SKIP_THRESHOLD` (0.12, docs/brainstacks.md §6) is skipped entirely — no compute at all.
-- Inference over many frozen stacks runs as one fused pass (see `FusedStacks`), checked against the
-  stack-by-stack loop in the tests.
+- Inference over many frozen stacks runs as one fused pass (`FusedStacks`, stacks/fused.py), checked against
+  the stack-by-stack loop in the tests; projections that read the same input (q, k, v; gate, up) share one
+  pass where the model asks for it (`StackedLinear.joint_forward`).
 
 Why the aux loss is stashed on the layer: the wrapped model calls `proj(x)` and expects a tensor back,
 so the adapter's explicit `AdapterOutput.aux_loss` cannot travel up through an unmodified model
@@ -36,11 +37,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..adapters.lora import LoRA
+from ..adapters.moe_lora import MoELoRA
 from ..lm.model import PROJECTION_NAMES
-from ..adapters.moe_lora import MoELoRA, route
+from .fused import FusedStacks
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -161,7 +162,13 @@ class StackedLinear(nn.Module):
         # `basis(training)` gives V [d_out, K] or None; the adapter then writes nothing into V
         self.project_active = None
         self.last_aux: torch.Tensor | None = None
+        # the fused passes (fused.py) and what each was built for: this layer alone, and this layer first in a
+        # group that reads one input (q, k, v; gate, up: `joint_forward`). None as a pass: the loop runs
         self._fused: FusedStacks | None = None
+        self._fused_key: tuple | None = None
+        self._joint: FusedStacks | None = None
+        self._joint_key: tuple | None = None
+        self._version = 0  # counts invalidate() calls: a pass built before one is rebuilt, a group's too
 
     # -- which frozen stacks run, with which weight -------------------------------------------------
     def weight_of(self, domain: str) -> float:
@@ -182,27 +189,60 @@ class StackedLinear(nn.Module):
         return total
 
     def frozen_delta(self, x: torch.Tensor) -> torch.Tensor | None:
-        live = self.live_domains()
-        if not live:
+        """The same sum through the fused pass where it runs (None: no live stack)."""
+        fused = self.fused_pass() if self.use_fused else None
+        return self.frozen_delta_loop(x) if fused is None else fused(x, with_base=False)[0]
+
+    # -- the fused pass (inference) -------------------------------------------------------------------
+    def pass_key(self) -> tuple:
+        """What a fused pass of this layer is built from, bar the stacks themselves: the weights, and
+        `_version`, which invalidate() bumps (freeze_active calls it; so must code that edits a frozen stack
+        by hand). Compared on every call, so it is two attributes, not a walk over the stacks."""
+        return self.on, self._version
+
+    def fused_pass(self) -> FusedStacks | None:
+        """This layer's fused pass, built on first use and again when `pass_key` changes; None where the
+        loop must run."""
+        key = self.pass_key()
+        if self._fused_key != key:
+            self._fused, self._fused_key = _fused_or_none([self], key), key
+        return self._fused
+
+    def joint_forward(self, x: torch.Tensor, layers: tuple[nn.Module, ...]) -> list[torch.Tensor] | None:
+        """[layer(x) for layer in layers] (this layer first; all read x) as one fused pass, or None where each
+        must run as its own module. The model calls it for q/k/v and gate/up (lm/model.py's `project`).
+
+        Inference only: with an active stack (training), with the base alone, or with a hook on a layer
+        (nullspace.collect_deltas records every layer's input through one) the layers run one by one."""
+        for layer in layers:  # the base alone first: it is the cheapest check, and the base path pays for it
+            if (not isinstance(layer, StackedLinear) or layer.on.base or not layer.use_fused
+                    or layer.active is not None or _hooked(layer)):
+                return None
+        key = (layers, tuple(layer.pass_key() for layer in layers))
+        if self._joint_key != key:
+            self._joint, self._joint_key = _fused_or_none(layers, key), key
+        if self._joint is None:
             return None
-        # fused only where it is exact: frozen stacks in eval mode (train-mode ones route noisily)
-        if self.use_fused and not any(a.training for d in live for a in self.stacks[d]):
-            key = tuple((d, len(self.stacks[d]), self.weight_of(d)) for d in live)
-            if self._fused is None or self._fused.key != key:
-                self._fused = FusedStacks(self, live, key)
-            return self._fused(x)
-        return self.frozen_delta_loop(x)
+        for layer in layers:
+            if layer.last_aux is not None:  # as in forward
+                layer.last_aux = None
+        return self._joint(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        self.last_aux = None
+        if self.last_aux is not None:  # nn.Module's __setattr__ costs a few µs, paid per token per layer
+            self.last_aux = None
         if self.on.base:
-            return y
+            return self.base_layer(x)
         # no torch.no_grad() here: the frozen weights need no gradient (requires_grad is False), but the
         # frozen deltas depend on x, and earlier layers' active stacks need the gradient through them
-        frozen = self.frozen_delta(x) if len(self.stacks) else None
-        if frozen is not None:
-            y = y + frozen
+        fused = self.fused_pass() if self.use_fused else None
+        if fused is not None:
+            y = fused(x)[0]  # base + frozen stacks
+        else:
+            y = self.base_layer(x)
+            frozen = self.frozen_delta_loop(x) if len(self.stacks) else None
+            if frozen is not None:
+                y = y + frozen
         if self.active is not None:
             V = self.project_active.basis(self.training) if self.project_active is not None else None
             # projecting B (not every token's delta) gives the same delta and gradients, far cheaper
@@ -212,7 +252,11 @@ class StackedLinear(nn.Module):
         return y
 
     def invalidate(self) -> None:
-        self._fused = None
+        """Drop the fused passes: call it after changing the frozen stacks by hand (adding or deleting one,
+        editing its parameters in place, switching its train/eval mode); freeze_active and train() call it
+        themselves."""
+        self._version += 1
+        self._fused = self._joint = self._fused_key = self._joint_key = None
 
     def train(self, mode: bool = True) -> StackedLinear:
         """model.train(mode) reaches every layer through here: the active stack follows `mode`, the base and
@@ -221,9 +265,14 @@ class StackedLinear(nn.Module):
         self.base_layer.eval()
         if self.active is not None:
             self.active.train(mode)
+        changed = False
         for stack in self.stacks.values():
             for adapter in stack:
-                adapter.train(mode and getattr(adapter, "_keep_train_mode", False))
+                frozen_mode = mode and getattr(adapter, "_keep_train_mode", False)
+                changed |= adapter.training != frozen_mode
+                adapter.train(frozen_mode)
+        if changed:  # a noisy frozen stack has no fused pass, a quiet one needs one
+            self.invalidate()
         return self
 
     def extra_repr(self) -> str:
@@ -231,80 +280,21 @@ class StackedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, frozen={n}, active={self.active is not None}"
 
 
-class FusedStacks:
-    """All live frozen stacks of one projection in a single pass (inference only).
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` runs hooks, which a joint pass (that calls no layer as a module) would skip."""
+    g = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or g._global_forward_hooks or g._global_forward_pre_hooks
+                or g._global_backward_hooks or g._global_backward_pre_hooks)
 
-    For S adapters with E_s experts of rank r_s (a LoRA is one expert whose gate is 1):
 
-        [h | z] = x @ [A_1; …; A_S; R_1; …; R_S]ᵀ        one matmul      [T, Σ E_s·r_s + Σ E_s]
-                                                        (expert activations h, router logits z)
-        g_s = softmax(top-k of z_s), 0 elsewhere        per run         [T, S, E]
-        Δ = (h ⊙ g, each gate over its expert's r columns) @ [w_1·s_1·B_1 … w_S·s_S·B_S]ᵀ    one matmul
-
-    The gates depend on x, so they cannot be folded into B once and for all; the domain weights w and
-    rsLoRA scales s can, and are: they scale each adapter's columns of B when the pass is built, so a
-    token pays only for its gates. Consecutive adapters with the same routing spec form one run, gated
-    with one top-k over [T, S, E]; a gate multiplies its expert's r activations by broadcasting over a
-    [T, S, E, r] view, so no per-token copy of the gates is made. Generation runs this once per token per
-    projection, and every op saved here is saved 7 times per layer per token.
-    """
-
-    def __init__(self, layer: StackedLinear, live: list[str], key: tuple):
-        self.key = key
-        As, Rs, Bs, specs = [], [], [], []  # the routing spec of each adapter, in order
-        for domain in live:
-            w = layer.weight_of(domain)
-            for adapter in layer.stacks[domain]:
-                if isinstance(adapter, MoELoRA):
-                    E, r = adapter.n_experts, adapter.r
-                    As.append(adapter.lora_A.reshape(E * r, -1))  # [E·r, d_in]
-                    B = adapter.lora_B.permute(1, 0, 2).reshape(adapter.lora_B.shape[1], E * r)  # [d_out, E·r]
-                    Bs.append(B * (w * adapter.scaling))
-                    Rs.append(adapter.router.weight)  # [E, d_in]
-                    specs.append((E, r, adapter.top_k, adapter.routing, adapter.top_p))
-                elif isinstance(adapter, LoRA):
-                    As.append(adapter.lora_A)
-                    Bs.append(adapter.lora_B * (w * adapter.scaling))
-                    specs.append((1, adapter.r, 1, "lora", 1.0))
-                else:
-                    raise TypeError(f"cannot fuse a {type(adapter).__name__}")
-        self.runs: list[list] = []  # [spec, S]: S consecutive adapters with the same spec
-        for spec in specs:
-            if self.runs and self.runs[-1][0] == spec:
-                self.runs[-1][1] += 1
-            else:
-                self.runs.append([spec, 1])
-        with torch.no_grad():
-            # the experts' A rows and the routers' rows in one matrix: one matmul gives both (as in MoELoRA)
-            self.AR = torch.cat(As + Rs).detach()  # [Σ E·r + Σ_moe E, d_in]
-            self.C = sum(a.shape[0] for a in As)  # Σ E·r
-            self.B = torch.cat(Bs, dim=1).detach()  # [d_out, Σ E·r], each adapter's columns scaled by w·s
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x = x.reshape(-1, x.shape[-1])  # [T, F]
-        # T tokens, F d_in, C = Σ E·r columns, O d_out, S stacks in a run, E experts, r rank
-        hz = F.linear(x, self.AR)  # [T, C + Σ_moe E]
-        h, z = hz[:, : self.C], hz[:, self.C :]  # expert activations [T, C], router logits [T, Σ_moe E]
-        parts, hi, zi = [], 0, 0
-        for (E, r, k, routing, top_p), S in self.runs:
-            width = S * E * r
-            hs = h[:, hi : hi + width]
-            hi += width
-            if routing == "lora":  # a LoRA's gate is 1: its columns pass as they are
-                parts.append(hs)
-                continue
-            zs = z[:, zi : zi + S * E].view(-1, S, E)
-            zi += S * E
-            if routing == "top_k":
-                # softmax over the k kept logits, zero elsewhere: route()'s gates in three ops
-                kept, idx = zs.topk(k, dim=-1)
-                g = torch.zeros_like(zs).scatter(-1, idx, kept.softmax(dim=-1))  # [T, S, E]
-            else:
-                g = route(zs, routing, k, top_p)[0]  # [T, S, E]
-            parts.append((hs.view(-1, S, E, r) * g.unsqueeze(-1)).view(-1, width))  # [T, S·E·r]
-        gated = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
-        return F.linear(gated, self.B).view(*lead, -1)  # [..., O]
+def _fused_or_none(layers, key: tuple) -> FusedStacks | None:
+    """The fused pass of `layers`, or None where the loop must run: no live frozen stack, or one in train
+    mode (frozen with keep_train_mode, it routes noisily, and only the loop draws the noise)."""
+    adapters = [a for layer in layers for d in layer.live_domains() for a in layer.stacks[d]]
+    if not adapters or any(a.training for a in adapters):
+        return None
+    return FusedStacks(layers, key)
 
 
 # -- whole-model operations ------------------------------------------------------------------------
