@@ -7,7 +7,8 @@ down this list (tests/test_architecture.py reads every import and fails on one t
 round a loop): a mechanism never imports a preset, a stage or the command line.
 
   io.py  checkpoint.py  runtime.py   atomic files and checksums; the one checkpoint format; process state
-  data/          five real domain corpora that install offline, their splits, mixed prompts, user data
+  data/          five real domain corpora that install offline, their splits, mixed prompts, general
+                 held-out prose, user data
   lm/            the base model
     model.py       a LLaMA-style decoder from scratch (RMSNorm, RoPE, SwiGLU, GQA, KV cache), HF names
     tokenizer.py   byte-level BPE trained with `tokenizers`
@@ -18,7 +19,8 @@ round a loop): a mechanism never imports a preset, a stage or the command line.
     lora.py        the single LoRA (the baseline), rsLoRA scaling
     moe_lora.py    MoE-LoRA: 4 experts x rank 16, noisy top-2 routing, load-balance loss
   stacks/        frozen stacks on a frozen base
-    layer.py       StackedLinear (base + weighted frozen stacks + one active), fused inference, StacksOn
+    layer.py       StackedLinear (base + weighted frozen stacks + one active), StacksOn
+    fused.py       inference: every frozen stack of the projections that read one input, in one pass
     store.py       one stack on disk: safetensors + a checked JSON record, base fingerprints
     manifest.py    RUN/manifest.json (what a run has done, with its Preset) and the one cache key
     proportions.py how big a stack is against its base; the rank that keeps the paper's share
@@ -32,15 +34,19 @@ round a loop): a mechanism never imports a preset, a stage or the command line.
     oracle.py      the router's targets: every combination of stacks on every answer
     router.py      the outcome-based sigmoid meta-router: features, model, loss, training, rule, on disk
   inference/
-    stacked.py     a model with stacks and a router: route, generate in a mode or with given weights
+    stacked.py     a model with stacks and a router: route, generate in a mode (base, ungated, routed,
+                   switched) or with given weights
   evaluation/    what an answer is worth
     tasks.py       the checks per domain (#### numbers, final answers, ICD codes, definitions, code format)
     humaneval.py   HumanEval pass@1 with its unit tests
+    forced.py      would greedy decoding give the reference answer? one teacher-forced forward says
+    modes.py       one mode's measurements: loss, exact greedy accuracy, general text, paired intervals
     sandbox.py     where model-written code runs: limits, no network, confined writes
     isolation.py   the sandbox's layers inside the child: namespaces, mounts, init, uid, audit hook
   report/
     findings.py    the paper's findings beside ours, with generated verdicts: report.md's first table
     report.py      report.md, every comparison sentence generated from the numbers it compares
+    evaluation.py  report.md's evaluation section: every mode, general text, samples
     router.py      report.md's router section
     plots.py       the figures
     paper.py       every number quoted from the paper, in one place

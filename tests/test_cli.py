@@ -84,11 +84,12 @@ def test_demo_forgetting_json_has_both_runs_and_their_difference(demo_dir):
 # -- the meta-router, routed inference and the three-mode evaluation (on the demo's null-space run) ------
 
 
-def test_demo_report_has_the_router_and_the_three_mode_evaluation(demo_dir):
+def test_demo_report_has_the_router_and_the_evaluation_in_every_mode(demo_dir):
     report = (demo_dir / "report.md").read_text()
     assert "## Meta-router" in report and "](nullspace/router.png)" in report
-    assert "## Base, ungated and routed" in report and "](nullspace/eval.png)" in report
-    assert "### The same prompts in the three modes" in report and "*routed* (" in report
+    assert "## Base, ungated, routed and switched" in report and "](nullspace/eval.png)" in report
+    assert "General held-out text" in report and "| switched |" in report
+    assert "### The same prompts in every mode" in report and "*routed* (" in report and "*switched* (" in report
     for figure in ("router.png", "eval.png"):
         assert (demo_dir / "nullspace" / figure).stat().st_size > 10_000
 
@@ -110,17 +111,28 @@ def test_router_json_scores_and_oracle_shares(demo_dir):
 
 def test_eval_json_has_every_mode_and_domain(demo_dir):
     e = json.loads((demo_dir / "nullspace" / "eval.json").read_text())
-    for mode in ("base", "ungated", "routed"):
+    modes = ("base", "ungated", "routed", "switched")
+    assert tuple(e["modes"]) == modes
+    for mode in modes:
         for d in e["domains"]:
             res = e["results"][f"{mode}/{d}"]
             assert res["loss"] > 0
             # nothing checkable in chat; elsewhere an accuracy wherever a prompt left room to answer
             assert (res["accuracy"] is None) == (d == "chat" or res["n_generated"] == 0)
+            # the exact check: every domain whose test examples have answers (math, reasoning, medical's ICD)
+            assert ("exact" in res) == (d in ("math", "medical", "reasoning"))
+            if "exact" in res:
+                assert 0 <= res["exact"]["correct"] <= res["exact"]["n"] <= e["config"]["n_exact"]
+        # the general held-out text, in every mode, on the same documents
+        assert e["general"][mode]["loss"] > 0
+        assert e["general"][mode]["tokens"] == e["general"]["base"]["tokens"]
+        assert ("vs_base" in e["general"][mode]) == (mode != "base")
     assert any(e["results"][f"routed/{d}"]["accuracy"] is not None for d in e["domains"])
     # the modes really differ: stacks change the loss
     assert e["results"]["base/code"]["loss"] != e["results"]["ungated/code"]["loss"]
+    assert e["general"]["base"]["loss"] != e["general"]["ungated"]["loss"]
     assert {s["label"] for s in e["samples"]} >= set(e["domains"])
-    assert all(set(s["answers"]) == {"base", "ungated", "routed"} for s in e["samples"])
+    assert all(set(s["answers"]) == set(modes) for s in e["samples"])
 
 
 def test_eval_resumes_only_what_is_missing(demo_dir):

@@ -12,7 +12,8 @@ import ministacks.stages.boost as boost_stage
 from ministacks.io import atomic_write_json
 from ministacks.presets import SMOKE
 from ministacks.report.findings import (boosting, control_sentence, exp1_checkpoints, exp1_final_gap,
-                                        findings_rows, findings_section, nullspace, oracle, routing, verdict)
+                                        findings_rows, findings_section, general_text, nullspace, oracle, routing,
+                                        verdict)
 
 # -- the rule ------------------------------------------------------------------------------------------
 
@@ -191,6 +192,24 @@ def test_routing_counts_only_domains_in_all_three_modes_and_reads_the_papers_tab
     assert routing(e)["verdict"] == "not measured"
 
 
+@pytest.mark.parametrize("low, high, expected", [
+    (-0.02, 0.01, "reproduced"),  # not measurably above the base
+    (-0.05, -0.01, "reproduced"),  # measurably below it
+    (0.001, 0.03, "opposite"),  # measurably above it
+])
+def test_general_text(low, high, expected):
+    vs = {"difference": (low + high) / 2, "ci95_low": low, "ci95_high": high, "documents": 40}
+    e = {"general": {"base": {"loss": 3.0}, "routed": {"loss": 3.0, "vs_base": vs},
+                     "ungated": {"loss": 3.2, "vs_base": {**vs, "difference": 0.2}}},
+         "paper_table4": {"MMLU": (0.450, 0.435), "ARC-Easy": (0.510, 0.515), "GSM8K": (0.665, 0.6)}}
+    row = general_text(e)
+    assert (row["verdict"], row["n"]) == (expected, 1)
+    # GSM8K is math's benchmark, not a general one: the paper's cell counts the other two only
+    assert row["paper"].startswith("routed at most 1.5 points below base on its 2 general benchmarks (MMLU, ARC-Easy")
+    assert "ungated − base +0.2000" in row["ours"] and "40 held-out documents" in row["note"]
+    assert general_text({"results": {}})["verdict"] == general_text(None)["verdict"] == "not measured"
+
+
 # -- the section ---------------------------------------------------------------------------------------
 
 def test_section_has_one_row_per_finding_and_a_sentence_for_each_not_reproduced():
@@ -200,13 +219,13 @@ def test_section_has_one_row_per_finding_and_a_sentence_for_each_not_reproduced(
               _router({"medical": 0.7, "chat+math": 0.3}, 10), None)
     rows = findings_rows(*inputs)
     assert [r["verdict"] for r in rows] == ["opposite", "opposite", "reproduced", "reproduced", "opposite",
-                                            "not measured"]
+                                            "not measured", "not measured"]
     text = findings_section(*inputs)
     table = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| finding")]
     assert [line.split(" | ")[3] for line in table] == [r["verdict"] for r in rows]
     # Exp 1's setting once for both of its rows, from what compare.json records
     assert "- 1, 2. Exp 1 here: a 12,345-parameter base (nf4), MoE-LoRA 4 × r2 top-2 against LoRA r7" in text
-    assert "- 5. The oracle here: 10 medical prompts" in text and "- 6. Not measured here: no eval.json." in text
+    assert "- 5. The oracle here: 10 medical prompts" in text and "- 6, 7. Not measured here: no eval.json." in text
     assert "- 3." not in text and "- 4." not in text  # reproduced: no sentence
     assert "boosting's best (2.0000, 2 rounds) is below it (-0.2000)" in text
 

@@ -10,6 +10,7 @@ import pytest
 from ministacks.evaluation import humaneval
 from ministacks.data import code, raw_prompt
 from ministacks.presets import EvalConfig
+from ministacks.stacks.layer import StacksOn
 from ministacks.stages.evaluate import _humaneval
 from ministacks.evaluation.humaneval import (
     Problem,
@@ -149,6 +150,9 @@ class FakeRun:
         self.tok = SimpleNamespace(encode=lambda text, bos=False: [0] * (len(text) // 4 + bos))
         self.model = SimpleNamespace(cfg=SimpleNamespace(max_seq_len=200))
 
+    def stacks_for(self, mode):
+        return {"base": StacksOn.base_only(), "ungated": StacksOn.ungated()}[mode]
+
     def generate(self, text, mode, max_new_tokens, prompt, repetition_penalty):
         self.asked.append((text, mode, prompt, max_new_tokens, repetition_penalty))
         return {"completion": self.answer(prompt) + "\n\nprint('the model rambles on')\n", "weights": mode}
@@ -166,7 +170,7 @@ def test_humaneval_block_on_a_model_that_writes_the_reference(problems):
     assert got["accuracy"] == block["pass_at_1"] == len(fit) / 12 and got["n_generated"] == 12
     assert block["passed_ids"] == [p.task_id for p in fit]
     text, mode, prompt, budget, penalty = run.asked[0]
-    assert (text, mode, prompt) == (raw_prompt(to_example(fit[0])), "base", model_prompt(fit[0]))
+    assert (text, mode, prompt) == (raw_prompt(to_example(fit[0])), StacksOn.base_only(), model_prompt(fit[0]))
     assert budget == run.model.cfg.max_seq_len - (len(prompt) // 4 + 1) and penalty == 1.0
 
 

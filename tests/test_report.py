@@ -1,6 +1,7 @@
 """The report says only what was measured: every comparing sentence follows the numbers it compares."""
 
-from ministacks.report.report import boost_section, eval_finding, eval_section, forgetting_section
+from ministacks.report.evaluation import eval_finding, eval_section, eval_table, general_finding, general_table
+from ministacks.report.report import boost_section, forgetting_section
 from ministacks.report.router import oracle_finding
 
 DOMAINS = ["chat", "math"]
@@ -65,3 +66,30 @@ def test_oracle_sentence_names_our_winner_beside_the_papers():
     other = {"oracle": {"medical": {"n": 10, "shares": {"chat+code+math+medical": 0.6, "base": 0.4}}}, "paper": paper}
     assert "is chat+math (70%), the same winner; chat+math won 70%." in oracle_finding(same)
     assert "is chat+code+math+medical (60%), a different winner; chat+math won 0%." in oracle_finding(other)
+
+
+def test_every_mode_gets_its_sentence_and_the_exact_accuracy_its_interval():
+    e = _eval({"base/math": 3.0, "ungated/math": 2.0, "routed/math": 2.5, "switched/math": 1.5})
+    e["domains"], e["modes"] = ["math"], ["base", "ungated", "routed", "switched"]
+    e["results"]["switched/math"]["exact"] = {"correct": 30, "n": 100, "by_source": {
+        "reasoning-gym:basic_arithmetic": {"correct": 30, "n": 50}, "reasoning-gym:gsm_symbolic": {"correct": 0, "n": 50}}}
+    assert eval_finding(e) == ("Routed test loss is below the base's on 1 of 1 domains (math) and below ungated's "
+                               "on 0 of 1. Switched test loss is below the base's on 1 of 1 domains (math) and "
+                               "below ungated's on 1 of 1 (math).")
+    row = next(r for r in eval_table(e) if r.startswith("| math | switched |"))
+    # 30 of 100: Wilson's 95% interval is [21.9%, 39.6%]; each generator's share beside the whole
+    assert "30% [22%–40%] of 100 (basic_arithmetic 60% [46%–72%] of 50; gsm_symbolic 0% [0%–7%] of 50)" in row
+
+
+def test_general_text_sentence_follows_the_intervals():
+    def vs(low, high):
+        return {"difference": (low + high) / 2, "ci95_low": low, "ci95_high": high, "documents": 12}
+    e = {"modes": ["base", "ungated", "routed", "switched"],
+         "general": {"base": {"loss": 3.0}, "ungated": {"loss": 3.3, "vs_base": vs(0.1, 0.5)},
+                     "routed": {"loss": 3.0, "vs_base": vs(-0.01, 0.01)},
+                     "switched": {"loss": 2.9, "vs_base": vs(-0.2, -0.01)}}}
+    assert general_finding(e) == ("On 12 general held-out documents (paired 95% intervals), measurably above the "
+                                  "base's loss: ungated; measurably below it: switched; not measurably different: routed.")
+    assert general_table(e)[2] == "| base | 3.0000 | – |"
+    assert general_table(e)[3] == "| ungated | 3.3000 | +0.3000 [+0.1000, +0.5000] |"
+    assert general_table({}) == [] and "was not measured" in general_finding({"modes": ["base"]})

@@ -4,10 +4,12 @@
                                                                            │
     template(prompt) ──► base + Σ_d w_d · stacks of d (fused, skipped domains cost nothing) ──► answer
 
-Three modes, the paper's §5.3 comparison:
+Three modes, the paper's §5.3 comparison, and a fourth beside it:
     base      every stack off
     ungated   every stack on at weight 1 (what continual training's forgetting matrix measures)
-    routed    the router's weights for this prompt
+    routed    the router's weights for this prompt (the paper's rule: a switched-on domain at weight p_d)
+    switched  the domains the router switches on, each at weight 1: the router's on/off decision without
+              its probabilities scaling a domain's stacks down (p < 1 also shrinks a domain's own stack)
 and any hand-given weights ({"chat": 1, "math": 0.5}), which `chat`'s /force command uses.
 
 A StackedRun is built from its parts (a model with its stacks loaded, the tokenizer, the router); the
@@ -26,7 +28,7 @@ from ..lm.tokenizer import Tokenizer
 from ..routing.router import MetaRouter, prompt_features, routing_weights
 from ..stacks.layer import SKIP_THRESHOLD, StacksOn, stacks_on
 
-MODES = ("base", "ungated", "routed")
+MODES = ("base", "ungated", "routed", "switched")
 
 
 class StackedRun:
@@ -53,25 +55,29 @@ class StackedRun:
         probs = self.probabilities([text])[0]
         return {"probs": probs, "weights": routing_weights(probs, self.router.cfg)}
 
-    def stacks_for(self, mode: str | dict[str, float], text: str | None = None) -> StacksOn:
-        """Which stacks a mode switches on: "base", "ungated", "routed" (which routes `text`), or given
+    def stacks_for(self, mode: str | dict[str, float] | StacksOn, text: str | None = None) -> StacksOn:
+        """Which stacks a mode switches on: "base", "ungated", "routed" or "switched" (which route `text`), or given
         weights (checked against the run's domains). Nothing about the model changes here: run it with
-        `with stacks_on(model, stacks_for(...))`."""
+        `with stacks_on(model, stacks_for(...))`. A StacksOn is returned as it is (weights decided elsewhere,
+        as the evaluation decides a whole list of prompts' routes at once)."""
+        if isinstance(mode, StacksOn):
+            return mode
         if isinstance(mode, dict):
             return StacksOn.weighted(check_weights(mode, self.domains))
         if mode == "base":
             return StacksOn.base_only()
         if mode == "ungated":
             return StacksOn.ungated()
-        if mode == "routed":
+        if mode in ("routed", "switched"):
             if text is None:
-                raise ValueError("routed mode needs the prompt to route")
-            return StacksOn.weighted(self.route(text)["weights"])
+                raise ValueError(f"{mode} mode needs the prompt to route")
+            weights = self.route(text)["weights"]
+            return StacksOn.weighted(weights if mode == "routed" else at_full_weight(weights))
         raise ValueError(f"unknown mode {mode!r}: use one of {', '.join(MODES)} or a dict of weights")
 
     # -- generation ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def generate(self, text: str, mode: str | dict[str, float] = "routed", max_new_tokens: int = 96,
+    def generate(self, text: str, mode: str | dict[str, float] | StacksOn = "routed", max_new_tokens: int = 96,
                  prompt: str | None = None, route_text: str | None = None, repetition_penalty: float = 1.2) -> dict:
         """Greedy answer to `text` (rendered in the Alpaca template, or `prompt` as given) in `mode`.
         The router reads `route_text` (default: `text`), the raw prompt without the template.
@@ -92,6 +98,11 @@ class StackedRun:
                                       repetition_penalty=repetition_penalty, eos_id=self.tok.eos_id)
         completion = self.tok.decode([t for t in out[0, len(ids):].tolist() if t != self.tok.eos_id])
         return {"completion": completion, "weights": on.as_json()}
+
+
+def at_full_weight(weights: dict[str, float]) -> dict[str, float]:
+    """The same domains switched on, each at weight 1 (switched mode): {chat .2, code .9} -> {chat 1, code 1}."""
+    return {d: 1.0 for d in weights}
 
 
 # A forced weight w scales a domain's stacks, base(x) + w·Δ_d(x). The router's weights are probabilities,

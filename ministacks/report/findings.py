@@ -9,6 +9,7 @@
                                                       without null-space" → "matrix"     "paper"
     5    the oracle serves medical with chat+math     RUN/router.json "oracle"           router.json "paper"
     6    routing: routed below ungated and base       RUN/eval.json "results"            eval.json "paper_table4"
+    7    general text: routed not above the base      RUN/eval.json "general"            eval.json "paper_table4"
 
 (A file not given, or one written before a key existed, falls back to report/paper.py for the paper's
 column and says "not recorded" in ours.)
@@ -26,8 +27,11 @@ r go the reverse way, and a tie goes neither way.
                                            (the paper's 32 of 33)     (the paper's other answer, 1 of 33)
     6  a domain of the evaluation          routed < ungated and       routed > ungated and
        (test loss)                         routed < base              routed > base
+    7  the general held-out text (n = 1)   routed − base's paired     the interval lies above 0
+                                           95% interval reaches 0     (routed measurably worse)
+                                           or below
 
-Rows 1–3 claim something of every unit (row 1: "at every checkpoint"; rows 2 and 3 have one unit), so
+Rows 1–3 and 7 claim something of every unit (row 1: "at every checkpoint"; rows 2, 3 and 7 have one), so
 
     reproduced       s = n          opposite   r = n          not reproduced   otherwise (mixed or tied)
 
@@ -37,7 +41,8 @@ chat+math won 32 of 33 prompts), so they go by the majority:
     reproduced       s > n/2        opposite   r > n/2        not reproduced   otherwise
 
 and "not measured" where n = 0: the file was not given, it lacks the key, or the run did not do the
-comparison (one boosting round; one continual run; no medical prompts; no domain in all three modes).
+comparison (one boosting round; one continual run; no medical prompts; no domain in all three modes; no general
+text). Row 7 has no tolerance: "≈ base" is read as "not measurably above it", the strictest reading.
 Row 3's verdict is the paper's finding alone; the control (one stack trained as long as all the rounds,
 which the paper does not run) is beside it in "ours" and in a sentence of its own under the table.
 
@@ -49,7 +54,8 @@ from __future__ import annotations
 
 from fractions import Fraction
 
-from .paper import PAPER_BOOST, PAPER_EXP1, PAPER_FORGETTING, PAPER_ORACLE, PAPER_STACK_SHARE, PAPER_TABLE4
+from .paper import (GENERAL_BENCHMARKS, PAPER_BOOST, PAPER_EXP1, PAPER_FORGETTING, PAPER_ORACLE, PAPER_STACK_SHARE,
+                    PAPER_TABLE4)
 
 VERDICTS = ("reproduced", "not reproduced", "opposite", "not measured")
 NOT_RECORDED = "not recorded"
@@ -271,12 +277,36 @@ def routing(e: dict | None) -> dict:
 
 # -- the section ---------------------------------------------------------------------------------------
 
+def general_text(e: dict | None) -> dict:
+    finding = "General text: routed no worse than the base (ungated stacks may hurt it)"
+    table = (e or {}).get("paper_table4", PAPER_TABLE4)
+    general = {k: v for k, v in table.items() if k in GENERAL_BENCHMARKS}
+    worst = min(b - a for a, b in general.values())
+    paper = (f"routed at most {-worst * 100:.1f} points below base on its {len(general)} general benchmarks "
+             f"({', '.join(general)}; Table 4, accuracy), above it on {sum(b > a for a, b in general.values())}")
+    g = (e or {}).get("general") or {}
+    routed, ungated = g.get("routed", {}).get("vs_base"), g.get("ungated", {}).get("vs_base")
+    if not routed:
+        return _unmeasured(finding, paper, "no eval.json" if not e else "eval.json has no general text in base and routed mode")
+
+    def diff(v: dict) -> str:
+        return f"{v['difference']:+.4f} [{v['ci95_low']:+.4f}, {v['ci95_high']:+.4f}]"
+
+    ours = f"routed − base {diff(routed)}" + (f"; ungated − base {diff(ungated)}" if ungated else "")
+    same, reverse = int(routed["ci95_low"] <= 0), int(routed["ci95_low"] > 0)
+    note = (f"Here: loss (lower is better) on {routed['documents']} held-out documents of the Python reference "
+            "manual, which the base's pretraining read other topics of and no stack trained on, with paired 95% "
+            f"intervals. In the paper: zero-shot accuracy (higher is better) of Gemma 3 12B on {len(general)} "
+            "general benchmarks; the two count different measures.")
+    return _row(finding, paper, ours, verdict(same, reverse, 1, "every"), 1, note)
+
+
 def findings_rows(compare: dict | None, boost: dict | None, forgetting: dict | None, router: dict | None,
                   evaluation: dict | None) -> list[dict]:
-    """The six findings as data: {"finding", "paper", "ours", "verdict", "n", "note"}, in the table's order.
+    """The seven findings as data: {"finding", "paper", "ours", "verdict", "n", "note"}, in the table's order.
     Any input may be None (the file was not written): its rows are "not measured"."""
     return [exp1_checkpoints(compare), exp1_final_gap(compare), boosting(boost), nullspace(forgetting),
-            oracle(router), routing(evaluation)]
+            oracle(router), routing(evaluation), general_text(evaluation)]
 
 
 def findings_section(compare: dict | None, boost: dict | None, forgetting: dict | None, router: dict | None,
@@ -286,8 +316,8 @@ def findings_section(compare: dict | None, boost: dict | None, forgetting: dict 
     rows = findings_rows(compare, boost, forgetting, router, evaluation)
     lines = ["## Findings: the paper's, and ours", "",
              "Each of the paper's findings beside ours, counted over n units (checkpoints, cells, prompts, "
-             "domains). Rows 1–3 are reproduced when every unit goes the paper's way and opposite when every "
-             "one goes the other way; rows 4–6 by the majority of units (report/findings.py defines each unit).",
+             "domains). Rows 1–3 and 7 are reproduced when every unit goes the paper's way and opposite when "
+             "every one goes the other way; rows 4–6 by the majority of units (report/findings.py defines each unit).",
              "", "| finding | paper | ours | verdict | n |", "|---|---|---|---|---:|"]
     for i, r in enumerate(rows, 1):
         lines.append(f"| {i}. {r['finding']} | {r['paper']} | {r['ours']} | {r['verdict']} | {r['n']} |")

@@ -7,7 +7,8 @@ so. Nothing here is ever compared with a tolerance or used to pick a setting.
 
 from ..stacks.proportions import PAPER_STACK_SHARE  # one stack's share of each paper base (needed there too)
 
-__all__ = ["PAPER_STACK_SHARE", "PAPER_EXP1", "PAPER_BOOST", "PAPER_FORGETTING", "PAPER_ORACLE", "PAPER_TABLE4"]
+__all__ = ["PAPER_STACK_SHARE", "PAPER_EXP1", "PAPER_BOOST", "PAPER_FORGETTING", "PAPER_ORACLE", "PAPER_TABLE4",
+           "GENERAL_BENCHMARKS"]
 
 # Experiment 1 and residual boosting: the paper's TinyLlama runs
 PAPER_EXP1 = {  # docs/brainstacks.md §9: TinyLlama-1.1B 4-bit, alpaca, val loss every 50 steps
@@ -41,3 +42,6 @@ PAPER_TABLE4 = {
     "TruthfulQA MC1": (0.350, 0.370), "MMLU": (0.450, 0.435), "GSM8K": (0.665, 0.665),
     "MedQA": (0.385, 0.350), "MedMCQA": (0.330, 0.360),
 }
+# Table 4's benchmarks of no domain's (GSM8K is math's, MedQA and MedMCQA medical's): the general ability
+# the paper's routing keeps, which the general held-out text stands in for here
+GENERAL_BENCHMARKS = ("HellaSwag", "ARC-Easy", "ARC-Challenge", "TruthfulQA MC1", "MMLU")

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
+from ..evaluation.tasks import wilson_interval
 from ..stacks.layer import AdapterConfig
 
 
@@ -283,29 +284,44 @@ def plot_router(result: dict, path: str | Path) -> Path:
 
 
 def plot_eval(result: dict, path: str | Path) -> Path:
-    """Loss and task accuracy per domain in the three modes (base, ungated, routed).
+    """Loss and exact greedy accuracy per domain in every mode (base, ungated, routed, switched).
 
     `result`: eval.json's dict (stages/evaluate.py), "results" keyed "mode/domain". One group of bars
-    per domain, one bar per mode; a value not measured (chat's accuracy, a block not evaluated yet) has
-    no bar. Read: where routed's bar stands against base's and ungated's, domain by domain (the report's
-    eval_finding counts it)."""
+    per domain, one bar per mode; the loss panel ends with the general held-out text ("general"). A
+    value not measured (chat's accuracy, a block not evaluated yet) has no bar; accuracy bars carry their
+    95% Wilson interval. Read: where the routed modes' bars stand against base's and ungated's, domain by
+    domain (the report's eval_finding counts it)."""
     import numpy as np
 
     path = Path(path)
     domains, modes = result["domains"], result["modes"]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.2), dpi=110)
-    x = np.arange(len(domains))
+    general = result.get("general") or {}
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.4), dpi=110)
     width = 0.8 / len(modes)  # a domain's bars fill 80% of its slot: a gap between domains
-    for k, metric in enumerate(("loss", "accuracy")):
+    for k, metric in enumerate(("loss", "exact")):
         ax = axes[k]
+        groups = domains + (["general"] if metric == "loss" and general else [])
+        x = np.arange(len(groups))
         for i, mode in enumerate(modes):
-            vals = [result["results"].get(f"{mode}/{d}", {}).get(metric) for d in domains]
+            vals, errs = [], [[], []]
+            for d in groups:
+                cell = general.get(mode, {}) if d == "general" else result["results"].get(f"{mode}/{d}", {})
+                v, lo, hi = np.nan, 0.0, 0.0
+                if metric == "loss" and "loss" in cell:
+                    v = cell["loss"]
+                elif metric == "exact" and cell.get("exact", {}).get("n"):
+                    c, n = cell["exact"]["correct"], cell["exact"]["n"]
+                    low, high = wilson_interval(c, n)
+                    v, lo, hi = c / n, c / n - low, high - c / n
+                vals.append(v)
+                errs[0].append(lo)
+                errs[1].append(hi)
             # offsets centre the group on the domain's tick; NaN draws no bar
-            ax.bar(x + (i - (len(modes) - 1) / 2) * width, [np.nan if v is None else v for v in vals], width,
-                   label=mode)
-        ax.set_xticks(x, domains)
-        ax.set_title("test loss (lower is better)" if metric == "loss"
-                     else "task accuracy (code: HumanEval pass@1; chat: nothing checkable)")
+            ax.bar(x + (i - (len(modes) - 1) / 2) * width, vals, width, label=mode,
+                   yerr=errs if metric == "exact" else None, capsize=2)
+        ax.set_xticks(x, groups)
+        ax.set_title("test loss (lower is better; general: held-out prose)" if metric == "loss"
+                     else "exact greedy answer, 95% interval (chat, code: nothing checkable)")
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)

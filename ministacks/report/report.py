@@ -11,7 +11,8 @@ only, so a report can be rebuilt from a finished folder without training anythin
     boost_section        boost.json (boost.py)                  residual boosting rounds on chat (§3)
     forgetting_section   forgetting.json (continual.py)         forgetting matrices, null-space (§4, §5)
     router_section       RUN/router.json (route.py)             the oracle's targets and the router (§6; router.py)
-    eval_section         RUN/eval.json (evaluate.py)            base / ungated / routed (§7, §9 Exp 3)
+    eval_section         RUN/eval.json (evaluate.py)            base / ungated / routed / switched (§7, §9;
+                                                                evaluation.py)
 
 (§N: docs/brainstacks.md §N; writers in ministacks/stages/.) Each links its stage's figure (plots.py).
 
@@ -32,12 +33,11 @@ from pathlib import Path
 from ..io import atomic_write_text
 from ..lm.model import PROJECTION_NAMES
 from ..lm.pretrain import PretrainConfig
-from ..evaluation.tasks import wilson_interval
 from .findings import compare_word, control_sentence
 from .plots import recorded_adapter
 
 
-def _fence(text: str) -> str:
+def fence(text: str) -> str:
     return "````text\n" + text.rstrip() + "\n````"  # a completion may hold backticks: a longer fence
 
 
@@ -51,8 +51,11 @@ def data_section(stats: dict) -> str:
     general = stats.get("general", {})
     lines = ["## Data", "", *rows, ""]
     if general:
+        prose = (f", of which {general['prose_docs']:,} documents ({general['prose_chars']:,} characters) are general "
+                 "prose from the training topics of the Python reference manual" if general.get("prose_docs") else "")
         lines.append(f"General pretraining corpus: {general.get('docs', 0):,} documents, {general.get('chars', 0):,} "
-                     "characters, from training examples only (no validation or test example of any domain).")
+                     f"characters{prose}; from training examples and training topics only (no validation or test "
+                     "example of any domain, no held-out topic).")
     return "\n".join(lines) + "\n"
 
 
@@ -82,8 +85,8 @@ def pretrain_section(s: dict) -> str:
     ]
     for domain, items in s["samples"].items():
         for item in items:
-            lines += [f"**{domain}** — prompt, then the base model's continuation:", "", _fence(item["prompt"]),
-                      "", _fence(item["completion"]), ""]
+            lines += [f"**{domain}** — prompt, then the base model's continuation:", "", fence(item["prompt"]),
+                      "", fence(item["completion"]), ""]
     return "\n".join(lines)
 
 
@@ -252,92 +255,4 @@ def forgetting_section(f: dict) -> str:
               "Principal output subspaces of each domain's stacks: cross-domain similarity, singular-value spectra, "
               "and how orthogonal later stacks are to the directions they were kept out of:", "",
               "![subspaces](subspaces.png)", ""]
-    return "\n".join(lines)
-
-
-def _accuracy_cell(x: dict) -> str:
-    """"12% [8–17%] of 164" — the share, its 95% Wilson interval and n; "–" when nothing was checked."""
-    acc, n = x.get("accuracy"), x.get("n_generated", 0)
-    if acc is None or not n:
-        return "–"
-    # an interval, because n is small (20 answers by default) and a share alone reads as exact; Wilson's,
-    # because the accuracies sit near 0%, where p̂ ± z·se collapses to [0%, 0%] (evaluation/tasks.py)
-    low, high = wilson_interval(round(acc * n), n)  # acc was stored as k/n: round(acc * n) is k again
-    return f"{acc:.0%} [{low:.0%}–{high:.0%}] of {n}"
-
-
-def eval_table(e: dict) -> list[str]:
-    """Test loss and task accuracy per domain in each mode (code: HumanEval pass@1), as markdown table rows."""
-    modes = e["modes"]  # losses first, then accuracies: the modes of one metric side by side
-    rows = ["| domain | " + " | ".join(f"loss {m}" for m in modes) + " | "
-            + " | ".join(f"acc {m}" for m in modes) + " |",
-            "|---|" + "---:|" * (2 * len(modes))]
-    for d in e["domains"]:
-        res = [e["results"].get(f"{m}/{d}", {}) for m in modes]  # a block not evaluated yet: {}, shown "–"
-        losses = [f"{x['loss']:.3f}" if "loss" in x else "–" for x in res]
-        rows.append(f"| {d} | " + " | ".join(losses) + " | " + " | ".join(_accuracy_cell(x) for x in res) + " |")
-    return rows
-
-
-def code_lines(e: dict) -> str:
-    """How many HumanEval problems fit the context, and the stdlib format check named as what it is."""
-    cells = [(m, e["results"].get(f"{m}/code", {})) for m in e["modes"]]
-    lines = []
-    he = [(m, x["humaneval"]) for m, x in cells if x.get("humaneval")]
-    if he:  # n_fit < n says how much of a 0% is problems too long for the context to be asked
-        lines.append("HumanEval problems whose prompt fits the context (asked): "
-                     + ", ".join(f"{m} {h['n_fit']} of {h['n']}" for m, h in he) + ".")
-    checked = [(m, x) for m, x in cells if x.get("format_ok") is not None]
-    if checked:  # the stdlib split has no unit tests: the check is spelled out, not to be read as accuracy
-        lines.append("Code, stdlib test split, **format check only** (the answer parses and defines the requested "
-                     "name and parameters; it is never called, so `return 42` passes): "
-                     + ", ".join(f"{m} {x['format_ok']:.0%} of {x['n_format_checked']}" for m, x in checked) + ".")
-    return " ".join(lines)
-
-
-def eval_finding(e: dict) -> str:
-    """How routed mode's test loss stands to base and ungated, domain by domain, counted from eval.json."""
-    rows = [(d, e["results"].get(f"base/{d}", {}).get("loss"), e["results"].get(f"ungated/{d}", {}).get("loss"),
-             e["results"].get(f"routed/{d}", {}).get("loss")) for d in e["domains"]]
-    rows = [r for r in rows if None not in r]  # only domains in all three modes: one n for both counts
-    if not rows:
-        return "No domain was evaluated in all three modes."
-    below_base = [d for d, b, u, r in rows if r < b]  # the stacks help at all
-    below_ungated = [d for d, b, u, r in rows if r < u]  # routing beats switching every stack on
-    return (f"Routed test loss is below the base's on {len(below_base)} of {len(rows)} domains"
-            + (f" ({', '.join(below_base)})" if below_base else "")
-            + f" and below ungated's on {len(below_ungated)} of {len(rows)}"
-            + (f" ({', '.join(below_ungated)})" if below_ungated else "") + ".")
-
-
-def eval_section(e: dict, figure: str) -> str:
-    """Base, ungated and routed from RUN/eval.json (stages/evaluate.py; docs/brainstacks.md §7, §9 Exp 3):
-    what is scored, the loss and accuracy table, the code lines, the mean routed weights, the counted
-    finding, the paper's Table 4 for scale, and the same prompts answered in the three modes.
-    `figure`: eval.png's path relative to the report."""
-    n_gen = e["config"]["n_generate"]  # the EvalConfig the run was evaluated with
-    lines = ["## Base, ungated and routed (the paper's Table 4 and §5.3)", "",
-             f"Test split of each domain: loss over {e['config']['n_loss']} examples; accuracy of greedy answers to "
-             f"the first {n_gen} (math: the `####` number; reasoning: the final answer; medical: the ICD code, or "
-             "word-overlap F1 ≥ 0.5 with a definition; chat: nothing checkable). Code: HumanEval pass@1 — greedy "
-             "answers run against each problem's unit tests in the sandbox; a problem whose prompt does not fit in "
-             "the context counts as failed. Each accuracy is shown with its 95% Wilson interval and n.", "",
-             *eval_table(e), "", code_lines(e), ""]
-    if e.get("routes"):
-        lines += ["Mean routed weight per domain's test prompts:", "",  # column: the weight of a domain's stacks
-                  "| prompts | " + " | ".join(e["domains"]) + " |", "|---|" + "---:|" * len(e["domains"])]
-        for d, r in e["routes"].items():
-            lines.append(f"| {d} | " + " | ".join(f"{r['mean_weight'][x]:.2f}" for x in e["domains"]) + " |")
-        lines.append("")
-    # the paper's benchmarks are not ours: quoted for scale, with its own count, never compared with ours
-    lines += [eval_finding(e), "",
-              "The paper's Table 4 (Gemma 3 12B, zero-shot benchmarks, base → routed), for scale; it is not measured "
-              "here: " + ", ".join(f"{k} {a:.3f} → {b:.3f}" for k, (a, b) in e["paper_table4"].items())
-              + f" (routed above base on {sum(b > a for a, b in e['paper_table4'].values())} of "
-              f"{len(e['paper_table4'])}).", "",
-              f"![evaluation]({figure})", "", "### The same prompts in the three modes", ""]
-    for s in e["samples"]:  # the paper's three-panel comparison: each mode's answer and the weights it ran
-        lines += [f"**{s['label']}**", "", _fence(s["prompt"]), ""]
-        for mode, a in s["answers"].items():
-            lines += [f"*{mode}* ({a['weights']}):", "", _fence(a["completion"] or "(empty)"), ""]
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """`chat`: an interactive session with a trained run — routed answers, and commands to look inside.
 
 Each line is answered in the current mode (routed, or ungated when the run has no router yet); the
-slash commands show the route without answering, compare the three modes, force weights or change
+slash commands show the route without answering, compare the modes, force weights or change
 the mode. A mistyped command or weight prints the error and the session goes on.
 """
 
@@ -16,9 +16,10 @@ HELP = "interactive: routed answers, /route, /compare, /force weights"
 
 CHAT_HELP = """commands:
   /route TEXT     show the router's probabilities and weights for TEXT, without generating
-  /compare TEXT   answer TEXT in every mode: base, ungated, routed
+  /compare TEXT   answer TEXT in every mode: base, ungated, routed, switched
   /force W        answer with fixed weights from now on, e.g. /force chat=1,math=0.5 (/force off: route again)
-  /mode M         answer in mode M from now on: routed (default), base or ungated
+  /mode M         answer in mode M from now on: routed (default), switched (routed domains at weight 1),
+                  base or ungated
   /help, /quit"""
 
 

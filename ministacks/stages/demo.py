@@ -15,7 +15,8 @@ from dataclasses import replace
 
 from ..presets import get_preset
 from ..report.findings import findings_section
-from ..report.report import boost_section, compare_section, data_section, eval_section, forgetting_section, pretrain_section, write_report
+from ..report.evaluation import eval_section
+from ..report.report import boost_section, compare_section, data_section, forgetting_section, pretrain_section, write_report
 from ..report.router import router_section
 from .boost import run_boost
 from .common import add_preset_args, writable_folder

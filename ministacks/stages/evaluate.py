@@ -1,26 +1,36 @@
-"""`eval`: what routing buys — base, ungated and routed, per domain (the paper's Table 4 and §5.3).
+"""`eval`: what routing buys — base, ungated, routed and switched, per domain (the paper's Table 4 and §5.3).
 
-For each mode (inference.MODES) and each domain, on the domain's *test* split (never seen by the
-stacks, the router or the epoch selection):
+For each mode (inference.MODES: base, ungated, routed with the paper's p-weighted rule, switched with the
+routed domains at weight 1) and each domain, on the domain's *test* split (never seen by the stacks, the
+router or the epoch selection):
 
     loss       the validation loss as everywhere else (train.example_loss's definition), token-weighted
-               over the first `n_loss` test examples; routed mode routes every example on its own
-    accuracy   greedy answers (repetition penalty 1.2, as the paper) to the first `n_generate` test
-               examples, scored by tasks.score: math the "####" number, reasoning the final answer,
-               medical the ICD code or a definition's word overlap; chat has nothing checkable.
+               over the first `n_loss` test examples; the routed modes route every example on its own
+    exact      the share of the first `n_exact` test examples with a checkable answer (math, reasoning, the
+               ICD half of medical) whose greedy answer (repetition penalty 1.2, as the paper) is exactly the
+               reference response — computed by teacher forcing, one forward per example instead of one per
+               token (evaluation/forced.py: the same verdict as generating), so n can be in the hundreds.
+               `by_source` splits it by generator (math: arithmetic and word problems)
+    accuracy   greedy answers *generated* for the first `n_generate` test examples, scored by tasks.score:
+               math the "####" number, reasoning the final answer, medical the ICD code or a definition's
+               word overlap; chat has nothing checkable. Fewer than `exact`'s (generation is the slow part),
+               but the domain's own answer check, which accepts any working that ends in the right answer.
                Code: HumanEval pass@1 (humaneval.py) on the first `humaneval` problems — the stdlib
                test split has no unit tests, so it cannot say whether a function works
     humaneval  code only: pass_at_1, its 95% Wilson interval (ci95_low, ci95_high), passed, n (problems
                in the run) and n_fit (problems asked; one whose prompt leaves no room to answer counts
                as a failure), passed_ids, seconds; `accuracy` repeats pass_at_1 and `n_generated` is n.
-               Routed mode routes every problem from its raw text (instruction + docstring)
+               The routed modes route every problem from its raw text (instruction + docstring)
     format_ok  code only: the share of the `n_generate` stdlib test generations that pass the FORMAT
                CHECK (they parse and define the requested name and parameters; tasks.check_code_format,
                never called), over n_format_checked generations. Not accuracy: `return 42` passes it
 
-plus the routes taken (mean weight and the share of each switched-on set, per domain) and, for a fixed
-set of prompts (one test prompt per domain and a few mixed-domain ones), the three modes' answers side
-by side — the paper's three-panel comparison.
+and, in every mode, the loss on general held-out prose (data.general_text's test documents: text that is
+no domain's, the miniature's analogue of the paper's general benchmarks), each document routed on its own
+text in the routed modes, with the paired 95% interval of each mode's difference from the base. Plus
+the routes taken (mean weight and the share of each switched-on set, per domain) and, for a fixed set of
+prompts (one test prompt per domain and a few mixed-domain ones), every mode's answer side by side —
+the paper's three-panel comparison, with the fourth mode beside it.
 
 Results are written to RUN/eval.json after every (mode, domain) block, so a killed evaluation resumes
 where it stopped.
@@ -34,57 +44,23 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..data import load_split, mixed_prompts, raw_prompt, render_alpaca
+from ..data import general_text, load_split, mixed_prompts, raw_prompt, render_alpaca
 from ..evaluation import humaneval
+from ..evaluation.modes import (ROUTED_MODES, Weights, exact_accuracy, mean_loss, mode_weights, paired_difference,
+                                route_summary, text_losses)
 from ..evaluation.tasks import score
 from ..inference.stacked import MODES, StackedRun, describe_weights
 from ..io import atomic_write_json, read_json
 from ..presets import EvalConfig, Preset
 from ..report.paper import PAPER_TABLE4
 from ..report.plots import plot_eval
-from ..report.report import eval_table
-from ..routing.oracle import combo_name, shares
-from ..routing.router import ROUTER_DIR, routing_weights
+from ..report.evaluation import eval_table
+from ..routing.router import ROUTER_DIR
 from ..run import load_run
-from ..stacks.layer import StacksOn, set_stacks, stacks_on
 from ..stacks.manifest import content_key, file_sha256
-from ..training.examples import ExampleSet, example_losses
 from .common import add_run_args, writable_folder
 
-HELP = "base / ungated / routed: test loss and task accuracy per domain"
-
-
-def mean_loss(sr: StackedRun, examples: list, cfg, on: StacksOn = StacksOn.ungated(),
-              weights: list[dict[str, float]] | None = None) -> float:
-    """Token-weighted mean loss of `examples` with the stacks `on`; with `weights` instead, example i runs
-    alone with weights[i] (routed mode: every prompt has its own route).
-
-        loss = Σ_i n_i · ℓ_i / Σ_i n_i        ℓ_i example i's mean CE, n_i its scored tokens
-
-    which is example_loss's definition, the validation loss of training and of the forgetting matrix."""
-    if weights is None:
-        data = ExampleSet(sr.tok, examples, cfg.completion_only, max_len=cfg.seq_len, batch_size=cfg.eval_batch_size)
-        with stacks_on(sr.model, on):
-            losses = example_losses(sr.model, data)
-    else:
-        # Batch size 1: a forward runs the whole model under one StacksOn, so two prompts with different
-        # routes cannot share a batch; before_batch sets each prompt's own weights before its forward.
-        data = ExampleSet(sr.tok, examples, cfg.completion_only, max_len=cfg.seq_len, batch_size=1)
-        with stacks_on(sr.model, StacksOn.ungated()):  # whatever the batches set is undone after the block
-            losses = example_losses(sr.model, data, before_batch=lambda rows: set_stacks(
-                sr.model, StacksOn.weighted(weights[rows[0]])))
-    return float((losses * data.scored).sum() / data.scored.sum().clamp(min=1))
-
-
-def _routes(sr: StackedRun, texts: list[str]) -> list[dict[str, float]]:
-    """The inference rule's weights (routing_weights) for every raw prompt, as routed generation uses them."""
-    return [routing_weights(p, sr.router.cfg) for p in sr.probabilities(texts)]
-
-
-def _route_summary(domains: tuple[str, ...], weights: list[dict[str, float]]) -> dict:
-    """Each domain's mean weight over the prompts (0 where it was off) and the share of each switched-on set."""
-    return {"mean_weight": {d: sum(w.get(d, 0.0) for w in weights) / max(1, len(weights)) for d in domains},
-            "shares": shares([combo_name([d for d in domains if d in w]) for w in weights])}
+HELP = "base / ungated / routed / switched: test loss and task accuracy per domain, loss on general text"
 
 
 def _key(sr: StackedRun, cfg: EvalConfig) -> str:
@@ -101,12 +77,12 @@ def _key(sr: StackedRun, cfg: EvalConfig) -> str:
 
 def eval_stage(path: str | Path, preset: Preset | str | None = None, progress: bool = True,
                cfg: EvalConfig | None = None) -> dict:
-    """Evaluate the run at `path` in the three modes; write and return RUN/eval.json.
+    """Evaluate the run at `path` in every mode; write and return RUN/eval.json.
 
     The run's own Preset is used (run.run_preset), with `preset`'s evaluation settings if one is given;
     `cfg` replaces the EvalConfig outright."""
     sr = load_run(path, preset)
-    if sr.router is None:  # routed mode needs it, and eval.json always holds all three modes
+    if sr.router is None:  # the routed modes need it, and eval.json always holds every mode
         raise FileNotFoundError(f"no router in {sr.paths.run}: run `python -m ministacks route --run {path}` first")
     cfg = cfg or sr.preset.eval
     out = sr.paths.run / "eval.json"
@@ -115,32 +91,21 @@ def eval_stage(path: str | Path, preset: Preset | str | None = None, progress: b
     result = read_json(out) if out.is_file() else {}
     if result.get("key") != key:
         result = {"key": key, "domains": list(sr.domains), "modes": list(MODES), "config": asdict(cfg),
-                  "results": {}, "routes": {}, "samples": [], "paper_table4": PAPER_TABLE4, "seconds": {},
-                  "files": {"json": str(out), "plot": str(sr.paths.run / "eval.png")}}
-    t0 = time.time()
-    stack_cfg = sr.preset.stack
+                  "results": {}, "routes": {}, "general": {}, "samples": [], "paper_table4": PAPER_TABLE4,
+                  "seconds": {}, "files": {"json": str(out), "plot": str(sr.paths.run / "eval.png")}}
     todo = [(m, d) for d in sr.domains for m in MODES if f"{m}/{d}" not in result["results"]]
+    todo += [(m, None) for m in MODES if m not in result["general"]]  # None: the general held-out text
     bar = tqdm(todo, desc="eval", disable=not progress, leave=False)
     for mode, domain in bar:
-        bar.set_postfix_str(f"{domain} {mode}")
-        # The test split: the stacks trained on train, the guard, the router's prompts and its epoch
-        # selection read val, so these are the only examples nothing in the run was fitted or chosen on.
-        test = load_split(domain, "test", sr.preset.data)
-        # the first n of a fixed order: every mode is measured on the same examples
-        loss_set, gen_set = test[: cfg.n_loss], test[: cfg.n_generate]
-        routes, on = None, StacksOn.ungated()
-        # Routed: every prompt routed on its own, from its raw text, as at inference. Both sets are
-        # prefixes of `test`, so routes[i] serves example i for the loss and for the answer alike.
-        if mode == "routed":
-            routes = _routes(sr, [raw_prompt(ex) for ex in test[: max(cfg.n_loss, cfg.n_generate)]])
-            result["routes"][domain] = _route_summary(sr.domains, routes[: len(loss_set)])
-        else:
-            on = sr.stacks_for(mode)
-        entry = {"loss": mean_loss(sr, loss_set, stack_cfg, on, routes), "n_loss": len(loss_set)}
-        entry.update(_accuracy(sr, domain, gen_set, mode, routes, cfg))
-        result["results"][f"{mode}/{domain}"] = entry
-        result["seconds"][f"{mode}/{domain}"] = time.time() - t0
+        bar.set_postfix_str(f"{domain or 'general text'} {mode}")
         t0 = time.time()
+        if domain is None:
+            result["general"][mode] = _general(sr, mode, cfg)
+            if mode != "base" and "base" in result["general"]:
+                result["general"][mode]["vs_base"] = paired_difference(result["general"]["base"], result["general"][mode])
+        else:
+            result["results"][f"{mode}/{domain}"] = _block(sr, mode, domain, cfg, result["routes"])
+        result["seconds"][f"{mode}/{domain or 'general'}"] = time.time() - t0
         # Written after every block: a block is many generations (and HumanEval's test runs), so a kill
         # costs at most the block in progress, and the rerun resumes at the next one (todo, above).
         atomic_write_json(out, result)
@@ -152,6 +117,37 @@ def eval_stage(path: str | Path, preset: Preset | str | None = None, progress: b
     return result
 
 
+def _block(sr: StackedRun, mode: str, domain: str, cfg: EvalConfig, routes: dict) -> dict:
+    """One domain in one mode: the test loss, the exact greedy accuracy and the generated answers' accuracy."""
+    # The test split: the stacks trained on train, the guard, the router's prompts and its epoch
+    # selection read val, so these are the only examples nothing in the run was fitted or chosen on.
+    test = load_split(domain, "test", sr.preset.data)
+    # the first n of a fixed order: every mode is measured on the same examples; the exact check needs
+    # an answer to check (medical: the ICD half; HPO definitions have none)
+    checkable = [i for i, ex in enumerate(test) if ex.answer is not None][: cfg.n_exact]
+    used = max([cfg.n_loss, cfg.n_generate] + [i + 1 for i in checkable])
+    # The routed modes route every example on its own, from its raw text, as at inference: weights[i]
+    # serves example i for the loss, the exact check and the generated answer alike.
+    weights = mode_weights(sr, mode, [raw_prompt(ex) for ex in test[:used]])
+    if mode == "routed":
+        routes[domain] = route_summary(sr.domains, weights.per_prompt[: cfg.n_loss])
+    loss_set = test[: cfg.n_loss]
+    entry = {"loss": mean_loss(sr, loss_set, sr.preset.stack, weights.first(len(loss_set))), "n_loss": len(loss_set)}
+    if checkable:
+        picked = Weights(on=weights.on) if weights.per_prompt is None else \
+            Weights(per_prompt=[weights.per_prompt[i] for i in checkable])
+        entry["exact"] = exact_accuracy(sr, [test[i] for i in checkable], picked, cfg.repetition_penalty)
+    entry.update(_accuracy(sr, domain, test[: cfg.n_generate], mode, weights, cfg))
+    return entry
+
+
+def _general(sr: StackedRun, mode: str, cfg: EvalConfig) -> dict:
+    """The loss of general held-out prose in `mode`, each document routed on its own text in the routed modes."""
+    docs = general_text(sr.preset.data, "test")[: cfg.n_general]
+    weights = mode_weights(sr, mode, docs)
+    return text_losses(sr, docs, weights, sr.model.cfg.max_seq_len, sr.preset.stack.eval_batch_size)
+
+
 def fits(sr: StackedRun, prompt: str, room: int) -> bool:
     """Does `prompt` leave at least `room` tokens of the model's context to answer in?
 
@@ -159,7 +155,7 @@ def fits(sr: StackedRun, prompt: str, room: int) -> bool:
     return len(sr.tok.encode(prompt, bos=True)) + room <= sr.model.cfg.max_seq_len
 
 
-def _scores(sr: StackedRun, domain: str, examples: list, mode: str, routes: list | None, cfg: EvalConfig) -> list[dict]:
+def _scores(sr: StackedRun, domain: str, examples: list, weights: Weights, cfg: EvalConfig) -> list[dict]:
     """tasks.score of a greedy answer to every example whose prompt leaves room to answer in the context."""
     if not examples:
         return []
@@ -173,22 +169,21 @@ def _scores(sr: StackedRun, domain: str, examples: list, mode: str, routes: list
         # of n_generated, in every mode alike (fits depends on the prompt alone).
         if not fits(sr, ex.prompt(), 8):
             continue
-        m = routes[i] if mode == "routed" else mode  # the routes of the first examples (same order)
-        # the route is given, not recomputed; the model sees the templated prompt, greedy with the paper's
-        # repetition penalty (docs/brainstacks.md §7)
-        gen = sr.generate(raw_prompt(ex), m, max_new_tokens=budget, prompt=ex.prompt(),
+        # the weights are given, not recomputed; the model sees the templated prompt, greedy with the
+        # paper's repetition penalty (docs/brainstacks.md §7)
+        gen = sr.generate(raw_prompt(ex), weights.of(i), max_new_tokens=budget, prompt=ex.prompt(),
                           repetition_penalty=cfg.repetition_penalty)
         scores.append(score(domain, ex, gen["completion"], code_timeout=cfg.code_timeout))
     return scores
 
 
-def _accuracy(sr: StackedRun, domain: str, examples: list, mode: str, routes: list | None, cfg: EvalConfig) -> dict:
+def _accuracy(sr: StackedRun, domain: str, examples: list, mode: str, weights: Weights, cfg: EvalConfig) -> dict:
     """The domain's checked accuracy on its generated answers (None for chat: nothing checkable).
     Code: the stdlib test split has no unit tests, so its answers get the format check (format_ok), and
     the accuracy is HumanEval pass@1."""
     if domain == "chat":
         return {"accuracy": None, "n_generated": 0}
-    scores = _scores(sr, domain, examples, mode, routes, cfg)
+    scores = _scores(sr, domain, examples, weights, cfg)
     # code: the stdlib answers only show whether they have the right form; correctness is HumanEval's
     if domain == "code":
         formats = [s["format_ok"] for s in scores]
@@ -215,7 +210,7 @@ def _humaneval(sr: StackedRun, mode: str, cfg: EvalConfig) -> dict:
     # asked when the prompt leaves room for an answer as long as the reference one
     asked = [i for i, p in enumerate(problems)
              if fits(sr, prompts[i], len(sr.tok.encode(p.canonical_solution)))]
-    weights = _routes(sr, [raw_prompt(examples[i]) for i in asked]) if mode == "routed" and asked else None
+    weights = mode_weights(sr, mode, [raw_prompt(examples[i]) for i in asked])
     # None: not asked, and a failure in pass@1. pass@1 stays over every problem of the run, so that it
     # compares across modes and with published numbers; dropping the problems that do not fit would
     # make the denominator depend on the model's context length.
@@ -225,14 +220,14 @@ def _humaneval(sr: StackedRun, mode: str, cfg: EvalConfig) -> dict:
         # The whole room is the budget: function_body cuts the answer where the function ends. No repetition
         # penalty by default (humaneval_repetition_penalty 1.0): HumanEval's pass@1 is plain greedy (Chen et
         # al. 2021), and a penalty would punish every indent and repeated variable name code is made of.
-        gen = sr.generate(raw_prompt(examples[i]), weights[j] if mode == "routed" else mode, max_new_tokens=room,
-                          prompt=prompts[i], repetition_penalty=cfg.humaneval_repetition_penalty)
+        gen = sr.generate(raw_prompt(examples[i]), weights.of(j), max_new_tokens=room, prompt=prompts[i],
+                          repetition_penalty=cfg.humaneval_repetition_penalty)
         body = humaneval.function_body(gen["completion"])
         outcomes[i] = humaneval.run_tests(problems[i], body, timeout=cfg.humaneval_timeout)["passed"]
     block = humaneval.pass_at_1(outcomes)
     block["passed_ids"] = [p.task_id for p, o in zip(problems, outcomes) if o]
-    if weights is not None:
-        block["routes"] = _route_summary(sr.domains, weights)
+    if mode in ROUTED_MODES and asked:
+        block["routes"] = route_summary(sr.domains, weights.per_prompt)
     block["seconds"] = time.time() - t0
     return {"accuracy": block["pass_at_1"], "n_generated": block["n"], "humaneval": block}
 

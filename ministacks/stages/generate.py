@@ -26,8 +26,9 @@ def add_max_new_tokens(p) -> None:
 def add_args(p) -> None:
     add_run_args(p)
     p.add_argument("--prompt", required=True, help="the prompt (it is put into the Alpaca template)")
-    p.add_argument("--mode", choices=["routed", "base", "ungated", "compare"], default="routed",
-                   help="routed (default): the router's weights; compare: all three modes one after another")
+    p.add_argument("--mode", choices=[*MODES, "compare"], default="routed",
+                   help="routed (default): the router's weights; switched: the domains it switches on at weight 1; "
+                        "compare: every mode one after another")
     p.add_argument("--weights", help="fixed weights instead of a mode, e.g. chat=1,math=0.5; each in "
                                      "(0.12, 10]: 0.12 is the skip threshold, above 10 a stack swamps the base")
     add_max_new_tokens(p)
@@ -37,7 +38,7 @@ def main(args) -> int:
     # a typo in --weights is an error before the base and the stacks load, not after
     weights = parse_weights(args.weights) if args.weights is not None else None
     # the router is loaded only where the answer routes: a run trained but not yet routed can still answer
-    sr = load_run(args.run, args.preset, router=args.mode in ("routed", "compare") and weights is None)
+    sr = load_run(args.run, args.preset, router=args.mode in ("routed", "switched", "compare") and weights is None)
     if weights is not None:
         answer(sr, args.prompt, weights, args.max_new_tokens)  # checked against the run's domains there
     else:

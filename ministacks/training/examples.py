@@ -64,7 +64,18 @@ class ExampleSet:
 
     def __init__(self, tok: Tokenizer, examples: Sequence[Example], completion_only: bool, max_len: int,
                  batch_size: int = 32):
-        pairs = [encode_example(tok, ex, completion_only, max_len) for ex in examples]
+        self._batch([encode_example(tok, ex, completion_only, max_len) for ex in examples], tok.pad_id, batch_size)
+
+    @classmethod
+    def of_texts(cls, tok: Tokenizer, texts: Sequence[str], max_len: int, batch_size: int = 32) -> ExampleSet:
+        """Plain documents, no template: `<bos> text <eos>` (cut at max_len), every token scored — the
+        pretraining corpus's form, which the evaluation's general held-out text is measured in."""
+        data = cls.__new__(cls)
+        ids = [tok.encode(t, bos=True, eos=True)[:max_len] for t in texts]
+        data._batch([(i, list(i)) for i in ids], tok.pad_id, batch_size)
+        return data
+
+    def _batch(self, pairs: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int) -> None:
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))  # little padding per batch
         self.batches = []
         self.rows: list[list[int]] = []  # the examples (positions in the list given) of each batch
@@ -72,7 +83,7 @@ class ExampleSet:
             self.rows.append(order[b : b + batch_size])
             chunk = [pairs[i] for i in order[b : b + batch_size]]
             T = max(len(ids) for ids, _ in chunk)
-            x = torch.full((len(chunk), T), tok.pad_id)
+            x = torch.full((len(chunk), T), pad_id)
             y = torch.full((len(chunk), T), IGNORE)
             for row, (ids, lab) in enumerate(chunk):
                 x[row, : len(ids)] = torch.tensor(ids)

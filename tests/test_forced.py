@@ -1,0 +1,115 @@
+"""The exact greedy check by teacher forcing says what generating would: parity with Transformer.generate."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ministacks.data import Example
+from ministacks.evaluation.forced import greedy_matches, reproduces
+from ministacks.evaluation.modes import paired_difference
+from ministacks.lm.model import ModelConfig, Transformer
+from ministacks.lm.tokenizer import Tokenizer
+
+
+def sharp_model(seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig(n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=64, vocab_size=61))
+    with torch.no_grad():  # larger weights than the init's: logits far apart, no argmax near-ties
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3, 3.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_forward_of_a_generated_answer_reproduces_it_and_a_changed_token_does_not(seed, penalty):
+    model = sharp_model(seed)
+    prompt = torch.randint(0, 61, (9,), generator=torch.Generator().manual_seed(seed)).tolist()
+    out = model.generate(torch.tensor([prompt]), 12, repetition_penalty=penalty)[0].tolist()
+    answer = out[len(prompt):]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + answer[:-1]])).logits[0]  # the last prompt position onwards
+    rows = logits[len(prompt) - 1 :]
+    assert reproduces(rows, prompt, answer, penalty)
+    for t in (0, 5, 11):
+        changed = list(answer)
+        changed[t] = (changed[t] + 1) % 61
+        assert not reproduces(rows, prompt, changed, penalty)
+
+
+def test_the_penalty_is_the_one_generation_applies():
+    # with a strong penalty, greedy avoids repeating: an answer generated without it reads differently
+    # under it as soon as the plain answer repeats a token of the sequence
+    for seed in range(6):
+        model = sharp_model(seed)
+        prompt = [3, 4, 5]
+        plain = model.generate(torch.tensor([prompt]), 16)[0].tolist()[3:]
+        penalised = model.generate(torch.tensor([prompt]), 16, repetition_penalty=5.0)[0].tolist()[3:]
+        if plain == penalised:
+            continue
+        with torch.no_grad():
+            rows = model(torch.tensor([prompt + plain[:-1]])).logits[0][2:]
+        assert reproduces(rows, prompt, plain, 1.0) and not reproduces(rows, prompt, plain, 5.0)
+        return
+    pytest.fail("no seed gave a plain answer that the penalty changes")
+
+
+class Scripted(nn.Module):
+    """A 'model' that continues each known prompt with a fixed token sequence and predicts token 0
+    (unknown) anywhere else: every position's prediction depends on the tokens up to it, as in a
+    causal model, so padding, offsets and batching are what is tested."""
+
+    def __init__(self, sequences: list[list[int]], vocab: int, max_seq_len: int):
+        super().__init__()
+        self.sequences, self.vocab = sequences, vocab
+        self.cfg = SimpleNamespace(max_seq_len=max_seq_len)
+        self.forwards = 0
+
+    def forward(self, x):
+        self.forwards += 1
+        B, T = x.shape
+        logits = torch.zeros(B, T, self.vocab)
+        for b in range(B):
+            row = x[b].tolist()
+            for i in range(T):
+                nxt = next((s[i + 1] for s in self.sequences if len(s) > i + 1 and s[: i + 1] == row[: i + 1]), 0)
+                logits[b, i, nxt] = 10.0
+        return SimpleNamespace(logits=logits)
+
+
+def test_greedy_matches_reads_every_example_at_its_own_offsets():
+    tok = Tokenizer.train(["what is two plus two", "four", "the sky is blue", "name a colour"] * 30, vocab_size=300)
+    examples = [Example("math", "what is two plus two", "", "four", "4", "t"),
+                Example("math", "name a colour", "", "blue", None, "t"),
+                Example("math", "the sky is", "", "blue", None, "t")]
+    known = [tok.encode(ex.prompt(), bos=True) + tok.encode(ex.response, eos=True) for ex in examples[:2]]
+    # the third prompt's known continuation differs from its reference response
+    third = tok.encode(examples[2].prompt(), bos=True)
+    known.append(third + tok.encode("four", eos=True))
+    longest = max(map(len, known))
+    model = Scripted(known, tok.vocab_size, max_seq_len=longest)
+    for batch_size in (1, 2, 3):  # right padding and batch order must not change a verdict
+        assert greedy_matches(model, tok, examples, 1.2, batch_size=batch_size) == [True, True, False]
+    # one more example, too long for the context: None, and the others are unchanged
+    long = Example("math", "what is two plus two " * 20, "", "four", "4", "t")
+    assert greedy_matches(model, tok, examples + [long], 1.2) == [True, True, False, None]
+    seen = []
+    model.forwards = 0
+    greedy_matches(model, tok, examples, 1.2, batch_size=1, before_batch=seen.append)
+    assert sorted(seen) == [[0], [1], [2]] and model.forwards == 3  # one forward per example, its rows given
+
+
+def test_paired_difference():
+    a = {"losses": [2.0, 3.0, 4.0], "tokens": [10, 10, 20]}
+    same = paired_difference(a, a)
+    assert same["difference"] == 0 and same["ci95_low"] == same["ci95_high"] == 0
+    shifted = paired_difference(a, {"losses": [2.5, 3.5, 4.5], "tokens": [10, 10, 20]})
+    assert shifted["difference"] == pytest.approx(0.5) and shifted["ci95_low"] == pytest.approx(0.5)  # no spread
+    mixed = paired_difference(a, {"losses": [1.0, 3.0, 5.0], "tokens": [10, 10, 20]})
+    # d = (-1, 0, +1), weights (10, 10, 20): D = 10/40; the interval spans 0
+    assert mixed["difference"] == pytest.approx(0.25) and mixed["ci95_low"] < 0 < mixed["ci95_high"]
+    with pytest.raises(ValueError, match="same documents"):
+        paired_difference(a, {"losses": [1.0], "tokens": [10]})
