@@ -8,7 +8,9 @@ import torch.nn as nn
 
 from ministacks.data import Example
 from ministacks.evaluation.forced import greedy_matches, reproduces
-from ministacks.evaluation.modes import paired_difference
+from ministacks.evaluation.modes import Weights, mode_weights, paired_difference
+from ministacks.routing.router import RouterConfig
+from ministacks.stacks.layer import StacksOn, inject_stacks, stacked_layers
 from ministacks.lm.model import ModelConfig, Transformer
 from ministacks.lm.tokenizer import Tokenizer
 
@@ -113,3 +115,36 @@ def test_paired_difference():
     assert mixed["difference"] == pytest.approx(0.25) and mixed["ci95_low"] < 0 < mixed["ci95_high"]
     with pytest.raises(ValueError, match="same documents"):
         paired_difference(a, {"losses": [1.0], "tokens": [10]})
+
+
+def test_weights_of_a_mode():
+    class Run:  # a stand-in StackedRun whose router must not be asked about nothing
+        router = SimpleNamespace(cfg=RouterConfig())
+
+        def stacks_for(self, mode):
+            return StacksOn.base_only()
+
+        def probabilities(self, texts):
+            assert texts, "the router was asked to route no prompt"
+            return [{"chat": 0.05, "code": 0.9} for _ in texts]
+
+    run = Run()
+    assert mode_weights(run, "base", ["x"]) == Weights(on=StacksOn.base_only())
+    assert mode_weights(run, "routed", []).per_prompt == mode_weights(run, "switched", []).per_prompt == []
+    routed, switched = mode_weights(run, "routed", ["a", "b"]), mode_weights(run, "switched", ["a", "b"])
+    assert routed.per_prompt[0] == {"chat": 0.2, "code": 0.9}  # the chat floor, as routing_weights gives it
+    assert switched.per_prompt[1] == {"chat": 1.0, "code": 1.0}
+    assert switched.take([1]).per_prompt == [{"chat": 1.0, "code": 1.0}] and switched.batch_size(16) == 1
+    assert Weights(on=StacksOn.ungated()).take([5]).on == StacksOn.ungated()
+
+
+def test_per_prompt_weights_are_set_before_each_forward_and_undone_after():
+    model = sharp_model(0)
+    inject_stacks(model)
+    w = Weights(per_prompt=[{"chat": 1.0}, {"math": 0.5}])
+    with w.applied(model) as before_batch:
+        before_batch([1])
+        assert all(layer.on == StacksOn.weighted({"math": 0.5}) for layer in stacked_layers(model))
+    assert all(layer.on == StacksOn.ungated() for layer in stacked_layers(model))
+    with Weights(on=StacksOn.base_only()).applied(model) as before_batch:
+        assert before_batch is None and all(layer.on.base for layer in stacked_layers(model))

@@ -37,6 +37,8 @@ from ..data import Example
 from ..lm.tokenizer import Tokenizer
 from ..runtime import training_state
 
+BATCH_SIZE = 16  # examples per forward where they share one setting of the stacks
+
 
 def penalised(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """The repetition penalty of `Transformer.generate` on a block of positions at once.
@@ -62,7 +64,7 @@ def reproduces(logits: torch.Tensor, prompt: list[int], response: list[int], pen
 
 @torch.no_grad()
 def greedy_matches(model: nn.Module, tok: Tokenizer, examples: Sequence[Example], repetition_penalty: float,
-                   batch_size: int = 16, before_batch: Callable[[list[int]], None] | None = None) -> list[bool | None]:
+                   batch_size: int = BATCH_SIZE, before_batch: Callable[[list[int]], None] | None = None) -> list[bool | None]:
     """For every example: True if greedy decoding reproduces its response and stops, False if not, None if
     prompt + response does not fit the context. In the order given.
 

@@ -14,8 +14,12 @@ unchanged in either form, so the four modes are measured by the same code on the
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
 
 from ..data import Example
 from ..inference.stacked import StackedRun, at_full_weight
@@ -23,7 +27,7 @@ from ..routing.oracle import combo_name, shares
 from ..routing.router import routing_weights
 from ..stacks.layer import StacksOn, set_stacks, stacks_on
 from ..training.examples import ExampleSet, example_losses
-from .forced import greedy_matches
+from .forced import BATCH_SIZE, greedy_matches
 from .tasks import Z_95
 
 ROUTED_MODES = ("routed", "switched")  # the modes whose stacks depend on the prompt
@@ -36,12 +40,24 @@ class Weights:
     on: StacksOn | None = None
     per_prompt: list[dict[str, float]] | None = None
 
-    def first(self, n: int) -> Weights:
-        """The weights of the first n prompts (a measurement on a prefix of the routed list)."""
-        return self if self.per_prompt is None else Weights(per_prompt=self.per_prompt[:n])
+    def take(self, rows: Sequence[int]) -> Weights:
+        """The weights of the prompts at `rows` (a measurement on some of the routed prompts)."""
+        return self if self.per_prompt is None else Weights(per_prompt=[self.per_prompt[i] for i in rows])
 
     def of(self, i: int) -> StacksOn:
         return self.on if self.per_prompt is None else StacksOn.weighted(self.per_prompt[i])
+
+    def batch_size(self, shared: int) -> int:
+        """`shared` under one StacksOn; 1 per prompt, because a forward runs the whole model under one StacksOn."""
+        return shared if self.per_prompt is None else 1
+
+    @contextmanager
+    def applied(self, model: nn.Module) -> Iterator[Callable[[list[int]], None] | None]:
+        """Run a batched measurement under these weights: the model under `on` for the block, or, per prompt,
+        the `before_batch(rows)` to pass (it sets the batch's one prompt's weights before its forward).
+        Whatever the batches set is undone after the block."""
+        with stacks_on(model, self.on if self.per_prompt is None else StacksOn.ungated()):
+            yield None if self.per_prompt is None else (lambda rows: set_stacks(model, self.of(rows[0])))
 
 
 def mode_weights(sr: StackedRun, mode: str, raw_prompts: Sequence[str]) -> Weights:
@@ -49,6 +65,8 @@ def mode_weights(sr: StackedRun, mode: str, raw_prompts: Sequence[str]) -> Weigh
     probabilities are computed once per prompt: switched mode uses routed mode's domains at weight 1."""
     if mode not in ROUTED_MODES:
         return Weights(on=sr.stacks_for(mode))
+    if not raw_prompts:  # nothing to route (no HumanEval problem fits the context, say)
+        return Weights(per_prompt=[])
     weights = [routing_weights(p, sr.router.cfg) for p in sr.probabilities(list(raw_prompts))]
     return Weights(per_prompt=weights if mode == "routed" else [at_full_weight(w) for w in weights])
 
@@ -59,40 +77,31 @@ def route_summary(domains: tuple[str, ...], weights: list[dict[str, float]]) -> 
             "shares": shares([combo_name([d for d in domains if d in w]) for w in weights])}
 
 
-def _run(sr: StackedRun, data: ExampleSet, weights: Weights):
-    """example_losses of `data` under `weights`: batched under one StacksOn, or batch by batch (batch size 1)
-    with each prompt's own weights set before its forward."""
-    if weights.per_prompt is None:
-        with stacks_on(sr.model, weights.on):
-            return example_losses(sr.model, data)
-    with stacks_on(sr.model, StacksOn.ungated()):  # whatever the batches set is undone after the block
-        return example_losses(sr.model, data, before_batch=lambda rows: set_stacks(sr.model, weights.of(rows[0])))
-
-
-def mean_loss(sr: StackedRun, examples: list[Example], cfg, weights: Weights) -> float:
-    """Token-weighted mean loss of `examples` (cfg: the run's StackTrainConfig, for the loss's form):
+def _losses(sr: StackedRun, data: ExampleSet, weights: Weights) -> tuple[torch.Tensor, float]:
+    """example_losses of `data` under `weights`, and their token-weighted mean:
 
         loss = Σ_i n_i · ℓ_i / Σ_i n_i        ℓ_i example i's mean CE, n_i its scored tokens
 
     which is example_loss's definition, the validation loss of training and of the forgetting matrix."""
-    # batch size 1 where every prompt has its own route: a forward runs the whole model under one StacksOn
-    batch = cfg.eval_batch_size if weights.per_prompt is None else 1
-    data = ExampleSet(sr.tok, examples, cfg.completion_only, max_len=cfg.seq_len, batch_size=batch)
-    losses = _run(sr, data, weights)
-    return float((losses * data.scored).sum() / data.scored.sum().clamp(min=1))
+    with weights.applied(sr.model) as before_batch:
+        losses = example_losses(sr.model, data, before_batch=before_batch)
+    return losses, float((losses * data.scored).sum() / data.scored.sum().clamp(min=1))
+
+
+def mean_loss(sr: StackedRun, examples: list[Example], cfg, weights: Weights) -> float:
+    """Token-weighted mean loss of `examples` (cfg: the run's StackTrainConfig, for the loss's form)."""
+    data = ExampleSet(sr.tok, examples, cfg.completion_only, max_len=cfg.seq_len,
+                      batch_size=weights.batch_size(cfg.eval_batch_size))
+    return _losses(sr, data, weights)[1]
 
 
 def exact_accuracy(sr: StackedRun, examples: list[Example], weights: Weights, repetition_penalty: float) -> dict:
     """How many of `examples` greedy decoding answers with exactly the reference response (forced.py):
     {"correct", "n", "by_source": {source: {"correct", "n"}}}; an example whose prompt and response do not
     fit the context is left out of n, in every mode alike (it depends on the text alone)."""
-    if weights.per_prompt is None:
-        with stacks_on(sr.model, weights.on):
-            verdicts = greedy_matches(sr.model, sr.tok, examples, repetition_penalty)
-    else:
-        with stacks_on(sr.model, StacksOn.ungated()):
-            verdicts = greedy_matches(sr.model, sr.tok, examples, repetition_penalty, batch_size=1,
-                                      before_batch=lambda rows: set_stacks(sr.model, weights.of(rows[0])))
+    with weights.applied(sr.model) as before_batch:
+        verdicts = greedy_matches(sr.model, sr.tok, examples, repetition_penalty,
+                                  batch_size=weights.batch_size(BATCH_SIZE), before_batch=before_batch)
     by_source: dict[str, dict[str, int]] = {}
     for ex, v in zip(examples, verdicts):
         if v is not None:
@@ -106,11 +115,9 @@ def exact_accuracy(sr: StackedRun, examples: list[Example], weights: Weights, re
 def text_losses(sr: StackedRun, texts: list[str], weights: Weights, max_len: int, batch_size: int) -> dict:
     """Every document's mean CE over all its tokens (plain text, no template) and its token count, in order:
     {"loss" (token-weighted mean), "losses", "tokens"}."""
-    data = ExampleSet.of_texts(sr.tok, texts, max_len, batch_size if weights.per_prompt is None else 1)
-    losses = _run(sr, data, weights)
-    tokens = data.scored.tolist()
-    return {"loss": float((losses * data.scored).sum() / data.scored.sum().clamp(min=1)),
-            "losses": [float(x) for x in losses], "tokens": tokens}
+    data = ExampleSet.of_texts(sr.tok, texts, max_len, weights.batch_size(batch_size))
+    losses, loss = _losses(sr, data, weights)
+    return {"loss": loss, "losses": [float(x) for x in losses], "tokens": data.scored.tolist()}
 
 
 def paired_difference(a: dict, b: dict) -> dict:

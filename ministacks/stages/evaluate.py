@@ -132,11 +132,11 @@ def _block(sr: StackedRun, mode: str, domain: str, cfg: EvalConfig, routes: dict
     if mode == "routed":
         routes[domain] = route_summary(sr.domains, weights.per_prompt[: cfg.n_loss])
     loss_set = test[: cfg.n_loss]
-    entry = {"loss": mean_loss(sr, loss_set, sr.preset.stack, weights.first(len(loss_set))), "n_loss": len(loss_set)}
+    entry = {"loss": mean_loss(sr, loss_set, sr.preset.stack, weights.take(range(len(loss_set)))),
+             "n_loss": len(loss_set)}
     if checkable:
-        picked = Weights(on=weights.on) if weights.per_prompt is None else \
-            Weights(per_prompt=[weights.per_prompt[i] for i in checkable])
-        entry["exact"] = exact_accuracy(sr, [test[i] for i in checkable], picked, cfg.repetition_penalty)
+        entry["exact"] = exact_accuracy(sr, [test[i] for i in checkable], weights.take(checkable),
+                                        cfg.repetition_penalty)
     entry.update(_accuracy(sr, domain, test[: cfg.n_generate], mode, weights, cfg))
     return entry
 
