@@ -76,30 +76,29 @@ def prose_topics(cfg: DataConfig = DataConfig()) -> dict[str, list[str]]:
     return _split_topics(cfg.seed)
 
 
+def pack(parts: list[str], sep: str, max_chars: int) -> list[str]:
+    """Consecutive parts joined by `sep`, as many as fit in max_chars, then a new one (a part longer than
+    max_chars on its own is its own piece: callers cut those first)."""
+    out: list[str] = []
+    for part in parts:
+        if out and len(out[-1]) + len(sep) + len(part) <= max_chars:
+            out[-1] += sep + part
+        else:
+            out.append(part)
+    return out
+
+
 def pieces(paragraph: str, max_chars: int) -> list[str]:
     """The paragraph itself if it fits, else its lines packed greedily into pieces of <= max_chars."""
     if len(paragraph) <= max_chars:
         return [paragraph]
-    out: list[str] = []
-    for line in paragraph.split("\n"):
-        if len(line) > max_chars:
-            continue  # no line of the manual is this long; dropping one keeps every chunk in budget
-        if out and len(out[-1]) + 1 + len(line) <= max_chars:
-            out[-1] += "\n" + line
-        else:
-            out.append(line)
-    return out
+    # no line of the manual is longer than max_chars; dropping one keeps every chunk in budget
+    return pack([line for line in paragraph.split("\n") if len(line) <= max_chars], "\n", max_chars)
 
 
 def chunks(paragraphs: list[str], max_chars: int) -> list[str]:
     """Consecutive paragraphs joined by a blank line, as many as fit in max_chars, then a new chunk."""
-    out: list[str] = []
-    for piece in (p for paragraph in paragraphs for p in pieces(paragraph, max_chars)):
-        if out and len(out[-1]) + 2 + len(piece) <= max_chars:
-            out[-1] += "\n\n" + piece
-        else:
-            out.append(piece)
-    return out
+    return pack([p for paragraph in paragraphs for p in pieces(paragraph, max_chars)], "\n\n", max_chars)
 
 
 @lru_cache(maxsize=8)
