@@ -22,16 +22,13 @@ import torch
 import torch.nn as nn
 
 from ..data import Example
-from ..inference.stacked import StackedRun, at_full_weight
+from ..inference.stacked import ROUTED_MODES, StackedRun, at_full_weight
 from ..routing.oracle import combo_name, shares
 from ..routing.router import routing_weights
 from ..stacks.layer import StacksOn, set_stacks, stacks_on
 from ..training.examples import ExampleSet, example_losses
 from .forced import BATCH_SIZE, greedy_matches
 from .tasks import Z_95
-
-ROUTED_MODES = ("routed", "switched")  # the modes whose stacks depend on the prompt
-
 
 @dataclass(frozen=True)
 class Weights:

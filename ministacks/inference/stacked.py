@@ -29,6 +29,7 @@ from ..routing.router import MetaRouter, prompt_features, routing_weights
 from ..stacks.layer import SKIP_THRESHOLD, StacksOn, stacks_on
 
 MODES = ("base", "ungated", "routed", "switched")
+ROUTED_MODES = ("routed", "switched")  # the modes whose stacks depend on the prompt
 
 
 class StackedRun:
@@ -68,7 +69,7 @@ class StackedRun:
             return StacksOn.base_only()
         if mode == "ungated":
             return StacksOn.ungated()
-        if mode in ("routed", "switched"):
+        if mode in ROUTED_MODES:
             if text is None:
                 raise ValueError(f"{mode} mode needs the prompt to route")
             weights = self.route(text)["weights"]
