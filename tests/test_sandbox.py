@@ -108,8 +108,12 @@ def test_cannot_read_the_parents_environment_through_proc(monkeypatch):
     holding a secret is a process started with it; the script also gets the real parent's pid."""
     secret = f"MINISTACKS_TEST_SECRET=hunter2-{uuid.uuid4().hex}"
     monkeypatch.setenv("MINISTACKS_TEST_SECRET", secret.split("=", 1)[1])
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=dict(os.environ))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"],
+                              env=dict(os.environ), stdout=subprocess.PIPE, text=True)
     try:
+        # Popen returns once exec has begun, which is before the kernel has placed the new environment;
+        # the holder's first line says it is running, so its environ is in place
+        assert holder.stdout.readline() == "up\n"
         code = (
             "import glob, os\n"
             f"print(os.environ.get('MINISTACKS_TEST_SECRET'))\n"
@@ -128,6 +132,7 @@ def test_cannot_read_the_parents_environment_through_proc(monkeypatch):
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
     assert result.ok, result.stderr
     assert result.stdout == "None\n[]\nFalse\n"  # no secret anywhere, and neither process's /proc at all
     assert secret.split("=", 1)[1] not in result.stdout + result.stderr
