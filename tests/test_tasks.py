@@ -261,6 +261,16 @@ def test_wilson_interval_equals_the_inverted_score_test(k, n):
     assert wilson_interval(k, n) == pytest.approx(wilson_by_inversion(k, n), abs=1e-9)
 
 
+def test_wilson_interval_contains_its_share_exactly_at_the_ends():
+    """Every k/n up to n = 400 lies inside its interval, bounds included: at 0/n the low bound is 0.0 and at
+    n/n the high bound 1.0 exactly (a bar's error below the share is never negative)."""
+    for n in range(1, 401):
+        assert wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0
+        for k in range(n + 1):
+            low, high = wilson_interval(k, n)
+            assert low <= k / n <= high and k / n - low >= 0 and high - k / n >= 0, (k, n)
+
+
 def test_wilson_interval_known_values_and_errors():
     assert wilson_interval(3, 10) == pytest.approx((0.1078, 0.6032), abs=1e-4)  # a textbook value
     low, high = wilson_interval(0, 164)

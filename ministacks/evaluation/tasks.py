@@ -282,8 +282,11 @@ def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, flo
     share, z2 = successes / n, z * z
     centre = (share + z2 / (2 * n)) / (1 + z2 / n)
     half = z / (1 + z2 / n) * math.sqrt(share * (1 - share) / n + z2 / (4 * n * n))
-    # at 0/n and n/n the bound is exactly 0 (or 1); clamp the float rounding around it
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at 0/n and n/n the bound is exactly 0 (or 1): set it, or float rounding leaves it a hair inside the
+    # share (a negative error bar); elsewhere the share lies strictly inside
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
 
 
 # --- all domains ----------------------------------------------------------------------------------
