@@ -12,7 +12,7 @@ from ministacks.stages.pretrain import base_tokenizer
 from ministacks.presets import SMOKE
 from ministacks.stacks.layer import add_stack, freeze_active, inject_stacks, make_adapter, stacked_layers
 from ministacks.training.sft import STACKS_PER_SEED, BoostConfig, CheckpointMismatchError, StackTrainConfig, boost_domain, stack_seed, train_round
-from ministacks.training.examples import IGNORE, ExampleSet, PackedExamples, encode_example, example_loss
+from ministacks.training.examples import IGNORE, ExampleSet, PackedExamples, encode_example, example_loss, example_losses
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,33 @@ def test_example_loss_is_the_token_weighted_mean_over_examples(tok, model):
             count += int(keep.sum())
     assert count > 0
     assert example_loss(model, data) == pytest.approx(total / count, rel=1e-5)
+
+
+class _EveryPosition(torch.nn.Module):
+    """The same model without `at`: it computes every position's logits (as a Hugging Face model does)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def test_per_example_losses_need_the_scored_positions_only(tok, model):
+    """forward(at=mask) is the full logits at the mask, and every loss computed from the scored positions alone
+    (our model) equals the one from every position's logits (a model without `at`)."""
+    exs = load_split("math", "val", SMOKE.data)[:6]
+    data = ExampleSet(tok, exs, completion_only=True, max_len=256, batch_size=4)
+    x, y = data.batches[0]
+    at = torch.nn.functional.pad(y[:, 1:] != IGNORE, (0, 1), value=False)
+    with torch.no_grad():
+        assert model(x, at=at).logits.shape == (int(at.sum()), tok.vocab_size)
+        assert torch.allclose(model(x, at=at).logits, model(x).logits[at], atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        model(x, labels=y, at=at)
+    assert torch.allclose(example_losses(model, data), example_losses(_EveryPosition(model), data), atol=1e-5)
+    assert example_loss(model, data) == pytest.approx(example_loss(_EveryPosition(model), data), rel=1e-6)
 
 
 def test_completion_only_scores_the_response_alone(tok):

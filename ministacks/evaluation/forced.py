@@ -36,6 +36,7 @@ import torch.nn as nn
 from ..data import Example
 from ..lm.tokenizer import Tokenizer
 from ..runtime import training_state
+from ..training.examples import logits_at
 
 BATCH_SIZE = 16  # examples per forward where they share one setting of the stacks
 
@@ -86,9 +87,13 @@ def greedy_matches(model: nn.Module, tok: Tokenizer, examples: Sequence[Example]
                 x[j, : len(s)] = torch.tensor(s)
             if before_batch is not None:
                 before_batch(rows)
-            logits = model(x).logits.float()  # [B, T, V]
+            # the positions that predict a response token: from the last prompt token on
+            at = torch.zeros(x.shape, dtype=torch.bool)
             for j, i in enumerate(rows):
+                start = len(pairs[i][0]) - 1
+                at[j, start : start + len(pairs[i][1])] = True
+            logits = logits_at(model, x, at).float()  # [N, V], row by row
+            for i, rows_logits in zip(rows, logits.split([len(pairs[i][1]) for i in rows])):
                 prompt, response = pairs[i]
-                start = len(prompt) - 1  # the last prompt token predicts the first response token
-                out[i] = reproduces(logits[j, start : start + len(response)], prompt, response, repetition_penalty)
+                out[i] = reproduces(rows_logits, prompt, response, repetition_penalty)
     return out

@@ -286,13 +286,20 @@ class Transformer(nn.Module):
             n -= self.embed_tokens.weight.numel()
         return n
 
+    # forward(..., at=mask) computes the logits at those positions only (training/examples.py's logits_at asks)
+    logits_at_positions = True
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 output_hidden_states: bool = False, kv_cache: KVCache | None = None,
-                return_logits: bool = True) -> ModelOutput:
+                return_logits: bool = True, at: torch.Tensor | None = None) -> ModelOutput:
         """input_ids, labels: [B, T]. labels are aligned with input_ids (HF convention): position t
         predicts labels[t+1]; -100 marks positions that do not count. Returns logits [B, T, V]
         (None with `return_logits=False`, for callers that only want hidden states: the router's
-        features skip the LM head, a quarter of a small model's forward)."""
+        features skip the LM head, a quarter of a small model's forward). `at`, a bool mask [B, T]:
+        the logits [N, V] at its N True positions in row-major order, and the LM head runs there only
+        (a prompt's positions are not scored, and the head is the largest matmul of a small model)."""
+        if at is not None and labels is not None:
+            raise ValueError("forward takes labels (the mean loss over all positions) or at (some positions' logits), not both")
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.cfg.max_seq_len:
@@ -312,6 +319,8 @@ class Transformer(nn.Module):
             kv_cache.advance(T)
         if not return_logits and labels is None:
             return ModelOutput(None, None, tuple(hidden) if hidden is not None else None)
+        if at is not None:
+            return ModelOutput(self.lm_head(x[at]), None, tuple(hidden) if hidden is not None else None)  # [N, V]
         logits = self.lm_head(x)  # [B, T, V]
 
         loss = None

@@ -93,16 +93,36 @@ class ExampleSet:
         self.scored = torch.tensor([sum(t != IGNORE for t in lab[1:]) for _, lab in pairs])
 
 
+def logits_at(model: nn.Module, x: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """The logits [N, V] at the N positions where `at` [B, T] is True, in row-major order. Our model computes
+    the LM head (and the caller its softmax) there only — on a small model those are a large share of a
+    forward, and a prompt's positions or the padding are never scored; any other model (a Hugging Face one)
+    computes every position and is indexed."""
+    if getattr(model, "logits_at_positions", False):
+        return model(x, at=at).logits
+    return model(x).logits[at]
+
+
+def _scored_ce(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(CE of every scored token [N], the row of each [N]) for a batch x, y [B, T] (labels aligned with
+    the inputs: position t predicts y[:, t+1])."""
+    target = y[:, 1:]
+    scored = target != IGNORE  # [B, T-1]
+    at = F.pad(scored, (0, 1), value=False)  # [B, T]: the positions whose next token is scored
+    ce = F.cross_entropy(logits_at(model, x, at), target[scored], reduction="none")  # [N]
+    return ce, at.nonzero()[:, 0]
+
+
 @torch.no_grad()
 def example_loss(model: nn.Module, data: ExampleSet) -> float:
     """Token-weighted mean CE over every scored token of every example: *the* validation loss."""
     total, count = 0.0, 0
     with training_state(model, False):  # no dropout-like routing noise in the measurement
         for x, y in data.batches:
-            n = int((y[:, 1:] != IGNORE).sum())  # labels are shifted inside the model
-            if n:
-                total += float(model(x, labels=y).loss) * n
-                count += n
+            if (y[:, 1:] != IGNORE).any():
+                ce, _ = _scored_ce(model, x, y)
+                total += float(ce.sum())
+                count += len(ce)
     return total / max(count, 1)
 
 
@@ -121,11 +141,10 @@ def example_losses(model: nn.Module, data: ExampleSet,
         for (x, y), rows in zip(data.batches, data.rows):
             if before_batch is not None:
                 before_batch(rows)
-            logits = model(x).logits  # [B, T, V]
-            target = y[:, 1:]  # position t predicts token t+1
-            ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), target, ignore_index=IGNORE, reduction="none")  # [B, T-1]
-            scored = (target != IGNORE).sum(1).clamp(min=1)
-            out[torch.tensor(rows)] = ce.sum(1) / scored
+            ce, row = _scored_ce(model, x, y)  # [N], [N]
+            sums = torch.zeros(len(x)).index_add_(0, row, ce)
+            scored = torch.bincount(row, minlength=len(x)).clamp(min=1)
+            out[torch.tensor(rows)] = sums / scored
     return out
 
 
