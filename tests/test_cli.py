@@ -55,8 +55,19 @@ def test_boost_json_records_rounds_and_the_stop_rule(demo_dir):
 
 def test_demo_again_reuses_everything(demo_dir, capsys):
     before = (demo_dir / "compare.json").read_text()
+    ledger = json.loads((demo_dir / "stage_times.json").read_text())
+    assert len(ledger["seconds"]) == 6 and all(s > 0 for s in ledger["seconds"].values())
     assert main(["demo", "--preset", "smoke", "--out", str(demo_dir), "--no-progress"]) == 0
     assert (demo_dir / "compare.json").read_text() == before
+    # the stage times add this invocation's (reading what is done) to the first's, and the report shows both
+    again = json.loads((demo_dir / "stage_times.json").read_text())
+    assert again["invocations"] == ledger["invocations"] + 1
+    assert again["seconds"].keys() == ledger["seconds"].keys()
+    assert all(again["seconds"][k] > ledger["seconds"][k] for k in ledger["seconds"])
+    report = (demo_dir / "report.md").read_text()
+    assert f"seconds, all {again['invocations']} invocation(s)" in report
+    total = sum(again["seconds"].values())
+    assert f"| **{total:.0f}** |" in report
 
 
 def test_user_errors_are_one_clear_line(tmp_path, capsys):

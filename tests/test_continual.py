@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import ministacks.training.continual as continual
 import ministacks.training.sft as sft
@@ -263,3 +264,25 @@ def test_a_run_records_its_whole_preset_and_is_loaded_with_it(base):
     assert sr.preset.name == "mine" and sr.preset.router.epochs == 1 and sr.domains == ("chat",)
     with pytest.raises(ValueError, match="contradicts"):
         load_run(run, "quick", router=False)
+
+
+def test_a_null_space_run_shares_the_first_domain_bit_for_bit(base, tmp_path):
+    """The null-space run takes the first domain's stacks from the run without (share_first_domain), as the
+    demo's ablation does: the same files as training them again, and the same run afterwards."""
+    without = _preset(["chat", "code"], rounds=2, steps=4, nullspace=False)
+    with_ns = replace(without, continual=replace(without.continual, nullspace=True))
+    run_continual(without, base, tmp_path / "no_nullspace", progress=False)
+    shared = run_continual(with_ns, base, tmp_path / "shared", progress=False, first_from=tmp_path / "no_nullspace")
+    alone = run_continual(with_ns, base, tmp_path / "alone", progress=False)
+    assert shared["shared"] == {"chat": str(tmp_path / "no_nullspace")} and "shared" not in alone
+    assert [(s["domain"], s["round"]) for s in shared["stacks"]] == [(s["domain"], s["round"]) for s in alone["stacks"]]
+    untimed = lambda record: {k: v for k, v in record.items() if k != "seconds_per_step"}  # noqa: E731
+    for s, t in zip(alone["stacks"], shared["stacks"]):  # chat copied, code trained on it: all as training alone
+        assert untimed(s) == untimed(t)
+        a, b = (load_file(stack_paths(tmp_path / run, s["domain"], s["round"])[0]) for run in ("shared", "alone"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (s["domain"], s["round"])
+    assert shared["forgetting"] == alone["forgetting"]
+    # another configuration than the null-space flag: nothing to share
+    other = replace(with_ns, continual=replace(with_ns.continual, ns_k=with_ns.continual.ns_k + 1))
+    with pytest.raises(ValueError, match="cannot be shared"):
+        run_continual(other, base, tmp_path / "other", progress=False, first_from=tmp_path / "no_nullspace")

@@ -14,6 +14,8 @@ ablation of null-space projection (docs/brainstacks.md §5).
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from ..presets import Preset, preset_record
 from ..report.paper import PAPER_FORGETTING
 from ..report.plots import plot_forgetting, plot_subspaces
 from ..run import load_run, prepared_base
-from ..stacks.store import load_all_stacks
+from ..stacks.store import load_all_stacks, load_stack, stack_paths
 from ..stacks.manifest import new_manifest, read_manifest, write_manifest
 from ..training.continual import check_domains, train_domains
 from ..training.nullspace import collect_deltas, top_directions
@@ -39,15 +41,21 @@ HELP = "continual domains in curriculum order, with null-space projection"
 RESUME_KEYS = ("continual", "stack", "adapter", "boost", "quant", "data")
 
 
-def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None, progress: bool = True) -> dict:
+def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None, progress: bool = True,
+                  first_from: str | Path | None = None) -> dict:
     """Train every domain of `preset.continual` in order on the base in `out`; stacks and manifest in `run`
-    (default: `out`). Returns the manifest (with the forgetting matrix)."""
+    (default: `out`). Returns the manifest (with the forgetting matrix).
+
+    `first_from`: a finished run on the same base whose settings differ at most in `continual.nullspace`;
+    its first domain's stacks are this run's (`share_first_domain`) instead of being trained again."""
     out = Path(out)
     run = Path(run) if run is not None else out
     cc = preset.continual
     check_domains(cc.domains)
     if cc.steps is not None:  # the continual run's own steps per round
         preset = replace(preset, stack=replace(preset.stack, steps=cc.steps))
+    if cc.eval_every is not None:  # and its own validation cadence
+        preset = replace(preset, stack=replace(preset.stack, eval_every=cc.eval_every))
     ensure_base(preset, out, progress)
     # the base as every stack of this run sees it: NF4 first if the preset says so, then wrapped
     model, tok = prepared_base(preset, out)
@@ -64,6 +72,8 @@ def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None
     # the stacks already trained go back on the model, so the next round trains on top of them exactly
     # as it would have without the interruption (a damaged one: DamagedStacksError, naming the repair)
     load_all_stacks(run, model, manifest, strict=True)
+    if first_from is not None:
+        share_first_domain(Path(first_from), run, model, manifest)
 
     # every domain's data once, up front: the forgetting row after each domain evaluates all earlier ones
     data = {d: domain_data(preset, tok, d, preset.stack) for d in cc.domains}  # (PackedExamples, ExampleSet)
@@ -75,6 +85,43 @@ def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None
                              progress=progress)
     atomic_write_json(run / "forgetting.json", manifest["forgetting"])
     return manifest
+
+
+def share_first_domain(source: Path, run: Path, model, manifest: dict) -> None:
+    """Give `run` the first domain of `source` (a run on the same base, in the same order) as its own: its
+    stacks, copied and loaded onto `model`, their manifest records and the first forgetting row.
+
+    Exact for a run that differs from `source` only in null-space projection: the first domain has no
+    earlier stack to keep out of, and every stack has its own seed (training/sft.py's stack_seed), so
+    training it again gives the same tensors bit for bit (tests/test_continual.py checks it). Nothing
+    happens when `run` has the domain already or `source` has not finished it."""
+    domain = manifest["domains"][0]
+    theirs = read_manifest(source)
+    if domain in manifest["done"] or theirs is None or domain not in theirs.get("done", []):
+        return
+    mine, other = dict(manifest["config"]), dict(theirs["config"])
+    mine["continual"] = {k: v for k, v in mine["continual"].items() if k != "nullspace"}
+    other["continual"] = {k: v for k, v in other["continual"].items() if k != "nullspace"}
+    if (mine != other or theirs["domains"] != manifest["domains"]
+            or theirs["base_fingerprint"] != manifest["base_fingerprint"]):
+        raise ValueError(f"{source} is not the same run as {run} but for null-space projection: "
+                         "its first domain cannot be shared")
+    if any(s["domain"] == domain for s in manifest["stacks"]):  # a round of it trained here already
+        return
+    records = [s for s in theirs["stacks"] if s["domain"] == domain]
+    for record in records:  # files first, then the manifest names them (the store's order)
+        for src in stack_paths(source, domain, record["round"]):
+            dst = run / src.relative_to(source)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst.with_suffix(dst.suffix + ".tmp"))
+            os.replace(dst.with_suffix(dst.suffix + ".tmp"), dst)
+        load_stack(run, model, domain, record["round"])
+    manifest["stacks"] += records
+    manifest["forgetting"]["matrix"][0] = list(theirs["forgetting"]["matrix"][0])
+    manifest["timings"][domain] = 0.0  # trained in `source`, which holds its time
+    manifest.setdefault("shared", {})[domain] = str(source)
+    manifest["done"].append(domain)
+    write_manifest(run, manifest)
 
 
 def _mean(values) -> float:
@@ -129,9 +176,12 @@ def train_stage(preset: Preset, out: str | Path, compare_nullspace: bool = False
         # stack gets the same seed in both runs (training/sft.py's stack_seed), so the difference of the
         # two matrices is the projection's effect, not a different draw
         runs, capacity, capacity_by_proj = {}, {}, {}
+        # the first domain has nothing to be kept out of, so the run with the projection takes it from the
+        # run without (the same stacks, bit for bit: share_first_domain)
         for name, ns in (("without null-space", False), ("with null-space", True)):
             folder = out / ("nullspace" if ns else "no_nullspace")
-            manifest = run_continual(replace(preset, continual=replace(cc, nullspace=ns)), out, folder, progress)
+            manifest = run_continual(replace(preset, continual=replace(cc, nullspace=ns)), out, folder, progress,
+                                     first_from=out / "no_nullspace" if ns else None)
             runs[name] = manifest["forgetting"]
             capacity.update(manifest.get("capacity", {}))
             capacity_by_proj.update(manifest.get("capacity_by_projection", {}))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+from ..io import atomic_write_json, read_json
 from ..presets import get_preset
 from ..report.findings import findings_section
 from ..report.evaluation import eval_section
@@ -27,6 +28,7 @@ from .pretrain import stage_pretrain
 from .route import route_stage
 
 HELP = "run every stage on the default data and write report.md"
+STAGE_TIMES = "stage_times.json"  # OUT/stage_times.json: every invocation's seconds per stage, summed
 
 
 def add_args(p) -> None:
@@ -37,11 +39,17 @@ def main(args) -> int:
     preset, out, progress = get_preset(args.preset), writable_folder(args.out), not args.no_progress
     t0 = time.time()
     times: dict[str, float] = {}  # wall seconds of each stage in this invocation (a finished one: ~0)
+    # every invocation's seconds per stage, summed: what the stages cost however many runs they took
+    ledger_path = out / STAGE_TIMES
+    ledger = read_json(ledger_path) if ledger_path.is_file() else {"invocations": 0, "seconds": {}}
+    ledger["invocations"] += 1
 
     def timed(name: str, fn, *a, **k):
         start = time.time()
         result = fn(*a, **k)
         times[name] = time.time() - start
+        ledger["seconds"][name] = ledger["seconds"].get(name, 0.0) + times[name]
+        atomic_write_json(ledger_path, ledger)  # after every stage: a kill loses at most the stage in progress
         return result
 
     # each call returns at once with the stage's JSON when that stage already finished in `out`
@@ -65,7 +73,7 @@ def main(args) -> int:
         forgetting_section(forgetting),
         router_section(router, f"{run.name}/router.png"),
         eval_section(evaluation, f"{run.name}/eval.png"),
-        times_section(times),
+        times_section(times, ledger),
     ]
     path = write_report(out, sections, title="ministacks demo report")
     print(f"\nvalidation loss {summary['val_loss']:.3f} (unigram entropy {summary['unigram_entropy']:.3f})")
@@ -73,9 +81,12 @@ def main(args) -> int:
     return 0
 
 
-def times_section(times: dict[str, float]) -> str:
-    """How long each stage took in this invocation; a stage that had already finished shows its few
-    seconds of reading, so a resumed demo's table is the time it took to resume, not the first run's."""
-    rows = [f"| {name} | {s:.0f} |" for name, s in times.items()]
-    return "\n".join(["## Stage times (this invocation)", "", "| stage | seconds |", "|---|---:|", *rows,
-                      f"| **total** | **{sum(times.values()):.0f}** |", ""])
+def times_section(times: dict[str, float], ledger: dict) -> str:
+    """How long each stage took: in this invocation (a stage that had already finished shows its few seconds
+    of reading) and over every invocation of the demo in this folder (OUT/stage_times.json), which for a
+    run that was never interrupted is the same, and otherwise is what the stages cost in all."""
+    n = ledger["invocations"]
+    rows = [f"| {name} | {s:.0f} | {ledger['seconds'].get(name, s):.0f} |" for name, s in times.items()]
+    total = sum(ledger["seconds"].get(name, s) for name, s in times.items())
+    return "\n".join(["## Stage times", "", f"| stage | seconds, this invocation | seconds, all {n} invocation(s) |",
+                      "|---|---:|---:|", *rows, f"| **total** | **{sum(times.values()):.0f}** | **{total:.0f}** |", ""])

@@ -63,6 +63,7 @@ class ContinualConfig:
     domains: tuple[str, ...] = DOMAINS  # curriculum order (docs/brainstacks.md §4)
     rounds: int = 2  # most boosting rounds per domain (paper: Gemma 2; TinyLlama up to 3)
     steps: int | None = None  # steps per round; None = the preset's stack steps
+    eval_every: int | None = None  # steps between a round's validation passes; None = the preset's stack setting
     nullspace: bool = True  # project new stacks out of earlier stacks' output directions
     ns_k: int = 16  # directions per earlier domain (paper: 32 TinyLlama, 64 Gemma; our d_model is 256)
     ns_examples: int = 200  # validation examples whose deltas define the directions (paper: 200 / 400)
