@@ -1,0 +1,116 @@
+"""scale/bases.py on tiny Hugging Face models built from in-code configs (nothing is downloaded): the injection
+wraps exactly the language model's seven projections per layer, a model with fresh stacks gives the bare
+model's logits, and an NF4-loaded base trains a stack while its own tensors stay as they were."""
+
+import copy
+import re
+
+import pytest
+import torch
+from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration, Gemma3TextConfig
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from ministacks.stacks.layer import AdapterConfig, StackedLinear, active_parameters, add_stack, freeze_active, make_adapter
+from ministacks.stacks.store import base_fingerprint
+from scale.bases import inject_stacks, load_base
+
+N_LAYERS = 2
+# hidden 64: bitsandbytes' CPU 4-bit matmul fails on a projection of 512 weights (hidden 32, k/v 16 wide)
+TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+ADAPTER = AdapterConfig(n_experts=4, r=2, top_k=2)
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**TEXT)).eval()
+
+
+def tiny_gemma3_text():
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(Gemma3TextConfig(**TEXT, sliding_window=16)).eval()
+
+
+def tiny_gemma3_vlm():
+    """Gemma 3 12B IT's class: a language model beside a vision tower that has q/k/v projections of its own."""
+    torch.manual_seed(0)
+    cfg = Gemma3Config(text_config=dict(**TEXT, sliding_window=16),
+                       vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=4, image_size=28, patch_size=14),
+                       mm_tokens_per_image=4)
+    return Gemma3ForConditionalGeneration(cfg).eval()
+
+
+BUILDERS = {"llama": tiny_llama, "gemma3_text": tiny_gemma3_text, "gemma3_vlm": tiny_gemma3_vlm}
+# the language model's projections as full module paths, written out independently of scale/bases.py
+LM_PROJECTION = re.compile(r"^(model\.language_model|model)\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_injection_wraps_exactly_the_language_models_projections(kind):
+    model = BUILDERS[kind]()
+    expected = {name for name, _ in model.named_modules() if LM_PROJECTION.match(name)}
+    assert len(expected) == 7 * N_LAYERS
+    inject_stacks(model)
+    wrapped = {name for name, m in model.named_modules() if isinstance(m, StackedLinear)}
+    assert wrapped == expected
+    if kind == "gemma3_vlm":  # the vision tower's own attention projections stay as they were
+        vision = [name for name, m in model.named_modules() if name.startswith("model.vision_tower")
+                  and name.endswith(("q_proj", "k_proj", "v_proj"))]
+        assert vision and not any(isinstance(model.get_submodule(n), StackedLinear) for n in vision)
+    assert not any(p.requires_grad for p in model.parameters())  # the base is frozen, every part of it
+    inject_stacks(model)  # again: nothing is wrapped twice
+    assert {name for name, m in model.named_modules() if isinstance(m, StackedLinear)} == expected
+
+
+@pytest.mark.parametrize("kind", BUILDERS)
+def test_fresh_stacks_give_the_bare_models_logits(kind):
+    bare = BUILDERS[kind]()
+    model = copy.deepcopy(bare)
+    inject_stacks(model)
+    fingerprint = base_fingerprint(model)
+    x = torch.randint(3, 128, (2, 12))
+    with torch.no_grad():
+        reference = bare(input_ids=x).logits
+        assert torch.equal(model(input_ids=x).logits, reference)
+        add_stack(model, make_adapter("moe", ADAPTER))  # B starts at zero: the stack adds exactly nothing
+        assert torch.equal(model(input_ids=x).logits, reference)
+    assert base_fingerprint(model) == fingerprint == base_fingerprint(bare)  # wrapping is not a new base
+
+
+def test_an_nf4_base_trains_a_stack_and_stays_as_it_was(tmp_path):
+    import bitsandbytes as bnb
+
+    tiny_llama().save_pretrained(tmp_path)
+    model = load_base(tmp_path, quant="nf4", device="cpu")
+    layers = inject_stacks(model)
+    assert all(isinstance(layer.base_layer, bnb.nn.Linear4bit) for layer in layers)
+    assert layers[0].base_layer.weight.quant_state.quant_type == "nf4"
+    fingerprint = base_fingerprint(model)
+    again = load_base(tmp_path, quant="nf4", device="cpu")
+    inject_stacks(again)
+    assert base_fingerprint(again) == fingerprint  # the same checkpoint loads to the same base
+    params = add_stack(model, make_adapter("moe", ADAPTER))
+    assert params == active_parameters(model) and all(p.dtype == torch.float32 for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    torch.manual_seed(0)
+    x = torch.randint(3, 128, (4, 16))
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]  # the stack learns the batch
+    assert any(float(layer.active.lora_B.abs().max()) > 0 for layer in layers)
+    freeze_active(model, "chat")
+    assert base_fingerprint(model) == fingerprint  # the 4-bit codes and everything else of the base unchanged
+
+
+def test_a_missing_base_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot load the base"):
+        load_base(tmp_path / "nothing-here", device="cpu")
+    with pytest.raises(ValueError, match="quant"):
+        load_base(tmp_path, quant="int3", device="cpu")
