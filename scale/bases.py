@@ -80,17 +80,16 @@ def load_base(name_or_path: str | Path, quant: str = "nf4", device: str | None =
 
 
 def settle(model: nn.Module) -> None:
-    """Forward, state_dict(), forward. On the CPU, bitsandbytes (0.50) rewrites a double-quantized layer's
-    nested block scales at the first forward after its state_dict() was taken (measured: the state's offset
-    and nested scales change, and dequantizing before and after differs by up to 0.5% of a weight; after
-    that nothing changes them again, training and further state_dict() calls included). The fingerprint
-    of a base is taken over its state_dict, so without this the base would read as another base after
-    its first training step. Settled at load time, the fingerprint is the same at loading, after training
-    and when a stack is saved, and every forward computes with the same weights."""
+    """One forward of a few tokens, so that every 4-bit layer is in the form it computes in from then on.
+
+    On the CPU, bitsandbytes (0.50) repacks a 4-bit weight's codes into its kernel's layout at the layer's
+    first forward (measured: [2048, 1] -> [64, 32] for a 64 x 64 projection) and recomputes the block scales
+    with them; `state_dict()` packs them back for saving, and the next forward repacks them again. So the
+    base's fingerprint (ministacks.stacks.store.base_fingerprint) reads the modules' tensors, never
+    state_dict, and is taken once the layout has settled: then it is the same at loading, after training
+    and when a stack is saved. Nothing in a run calls state_dict() on a 4-bit base."""
     device = next(model.parameters()).device
     with torch.no_grad():
-        model(input_ids=torch.zeros(1, 8, dtype=torch.long, device=device))
-        model.state_dict()
         model(input_ids=torch.zeros(1, 8, dtype=torch.long, device=device))
 
 

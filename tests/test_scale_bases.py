@@ -114,3 +114,37 @@ def test_a_missing_base_is_a_clear_error(tmp_path):
         load_base(tmp_path / "nothing-here", device="cpu")
     with pytest.raises(ValueError, match="quant"):
         load_base(tmp_path, quant="int3", device="cpu")
+
+
+def test_ministacks_training_round_trains_a_stack_on_an_nf4_hugging_face_base(tmp_path):
+    """The same training round, validation loss and data code as the CPU path (ministacks.training), on a
+    4-bit Hugging Face base with its own tokenizer behind ministacks' interface (scale/tokens.py)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ministacks.data import load_split
+    from ministacks.lm.tokenizer import BOS, EOS, PAD, Tokenizer
+    from ministacks.presets import SMOKE
+    from ministacks.training.examples import ExampleSet, PackedExamples, example_loss
+    from ministacks.training.sft import StackTrainConfig, train_round
+    from scale.tokens import PretrainedTokenizer
+
+    train_ex, val_ex = load_split("chat", "train", SMOKE.data), load_split("chat", "val", SMOKE.data)[:8]
+    bpe = Tokenizer.train([ex.text() for ex in train_ex], vocab_size=320)
+    tok = PretrainedTokenizer(PreTrainedTokenizerFast(tokenizer_object=bpe.hf, bos_token=BOS, eos_token=EOS,
+                                                      pad_token=PAD))
+    assert tok.encode("hello", eos=True)[-1] == tok.eos_id and tok.decode(tok.encode("hello")) == "hello"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**{**TEXT, "vocab_size": tok.vocab_size, "max_position_embeddings": 128})
+                     ).save_pretrained(tmp_path)
+    model = load_base(tmp_path, quant="nf4", device="cpu")
+    inject_stacks(model)
+    fingerprint = base_fingerprint(model)
+    train = PackedExamples(tok, train_ex, completion_only=False, seq_len=64)
+    val = ExampleSet(tok, val_ex, completion_only=False, max_len=128)
+    cfg = StackTrainConfig(steps=12, batch_size=4, seq_len=64, lr=1e-2, warmup_steps=2, eval_every=4)
+    result = train_round(model, make_adapter("moe", ADAPTER), train, lambda: example_loss(model, val), cfg,
+                         progress=False)
+    assert result.best_loss < result.pre_loss  # the stack lowered the validation loss of a random base
+    assert example_loss(model, val) == pytest.approx(result.best_loss, abs=1e-5)  # the best snapshot stays
+    freeze_active(model, "chat")
+    assert base_fingerprint(model) == fingerprint

@@ -150,8 +150,26 @@ def base_fingerprint(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _module_tensors(model: nn.Module):
+    """(name, tensor) of every parameter and persistent buffer, as state_dict names them, read from the
+    modules themselves. Not through state_dict(): bitsandbytes' 4-bit layers add their quantization state
+    there, and on the CPU (bitsandbytes 0.50) a forward after a state_dict() call recomputes that state
+    (measured: the block scales and the layer's output change), so a fingerprint must not ask for it. A 4-bit
+    weight counts by its packed codes, with its quantization's kind, block size and shape in its name line."""
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for name, p in module._parameters.items():
+            if p is not None:
+                state = getattr(p, "quant_state", None)
+                tag = f"[{state.quant_type},{state.blocksize},{tuple(state.shape)}]" if state is not None else ""
+                yield dot + name + tag, p
+        for name, b in module._buffers.items():
+            if b is not None and name not in module._non_persistent_buffers_set:
+                yield dot + name, b
+
+
 def _base_tensors(model, skip, rename):
-    for name, t in model.state_dict(keep_vars=True).items():  # keep_vars: the tensors themselves, for `id`
+    for name, t in _module_tensors(model):
         base = next((old for old in rename if name.startswith(old)), None)
         if base is not None:
             yield rename[base] + name[len(base):], t
