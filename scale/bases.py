@@ -73,24 +73,27 @@ def load_base(name_or_path: str | Path, quant: str = "nf4", device: str | None =
     model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
     for p in model.parameters():
         p.requires_grad_(False)
-    model.eval()
     if quant == "nf4":
-        settle(model)
-    return model
+        keep_differentiable(model)
+    return model.eval()
 
 
-def settle(model: nn.Module) -> None:
-    """One forward of a few tokens, so that every 4-bit layer is in the form it computes in from then on.
+def keep_differentiable(model: nn.Module) -> int:
+    """Turn off bitsandbytes' CPU inference repacking in every 4-bit layer; return how many layers.
 
-    On the CPU, bitsandbytes (0.50) repacks a 4-bit weight's codes into its kernel's layout at the layer's
-    first forward (measured: [2048, 1] -> [64, 32] for a 64 x 64 projection) and recomputes the block scales
-    with them; `state_dict()` packs them back for saving, and the next forward repacks them again. So the
-    base's fingerprint (ministacks.stacks.store.base_fingerprint) reads the modules' tensors, never
-    state_dict, and is taken once the layout has settled: then it is the same at loading, after training
-    and when a stack is saved. Nothing in a run calls state_dict() on a 4-bit base."""
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        model(input_ids=torch.zeros(1, 8, dtype=torch.long, device=device))
+    bitsandbytes 0.50, on a CPU with AVX512-BF16, repacks a 4-bit weight into its inference kernel's layout
+    at the first eval-mode forward whose input needs no gradient — a validation pass — and keeps it so. From
+    then on every forward of that layer, training ones included, runs a kernel with no autograd formula:
+    no gradient reaches the layer's input (measured: `x.grad` stays None), so the stacks of every earlier
+    layer would train without the gradient through the base, silently. Its `state_dict()` packs the weight
+    back, and the next forward repacks it (the layer's output and the base's fingerprint change). Kept in
+    the layout it was loaded in, the layer dequantizes and multiplies, with gradients, in every mode."""
+    n = 0
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes' Linear4bit
+            module.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
 
 
 def language_model(model: nn.Module) -> nn.Module:

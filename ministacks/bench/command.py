@@ -1,4 +1,4 @@
-"""The `bench` command: `python -m ministacks bench {pretrain,moe,nf4,nullspace,route} [--json]`.
+"""The `bench` command: `python -m ministacks bench {pretrain,moe,nf4,nullspace,route,scale} [--json]`.
 
 Each benchmark runs for about a minute and prints its report, or with --json one line of JSON (the dict
 its bench_* function returns, which scripts parse). The benchmarks are imported only when one runs, so
@@ -20,6 +20,7 @@ WHAT = {
     "nf4": "4-bit vs fp32 base",
     "nullspace": "the projection's step-time overhead and randomized vs full SVD",
     "route": "base vs ungated (fused and stack by stack) vs routed inference",
+    "scale": "a training step of our MoE-LoRA and LoRA vs peft's LoRA on NF4 SmolLM2",
 }
 
 
@@ -50,6 +51,10 @@ def run(what: str) -> tuple[dict, Callable[[dict], str]]:
         from .route import bench_route, format_bench_route
 
         return bench_route(), format_bench_route
+    if what == "scale":
+        from .scale import bench_scale, format_bench_scale
+
+        return bench_scale(), format_bench_scale
     raise ValueError(f"unknown benchmark {what!r}: choose one of {', '.join(WHAT)}")
 
 

@@ -152,10 +152,10 @@ def base_fingerprint(model: nn.Module) -> str:
 
 def _module_tensors(model: nn.Module):
     """(name, tensor) of every parameter and persistent buffer, as state_dict names them, read from the
-    modules themselves. Not through state_dict(): bitsandbytes' 4-bit layers add their quantization state
-    there, and on the CPU (bitsandbytes 0.50) a forward after a state_dict() call recomputes that state
-    (measured: the block scales and the layer's output change), so a fingerprint must not ask for it. A 4-bit
-    weight counts by its packed codes, with its quantization's kind, block size and shape in its name line."""
+    modules themselves. Not through state_dict(): a bitsandbytes 4-bit layer converts its weight's layout to
+    save it (bitsandbytes 0.50 on the CPU: scale/bases.py's keep_differentiable), so asking for a fingerprint
+    would change what it fingerprints. A 4-bit weight counts by its packed codes, with its quantization's
+    kind, block size and shape in its name line."""
     for prefix, module in model.named_modules(remove_duplicate=False):
         dot = f"{prefix}." if prefix else ""
         for name, p in module._parameters.items():
