@@ -4,7 +4,7 @@ On NF4 SmolLM2-135M-Instruct (scale/smollm2.py, the CPU scale path's base), in o
 (timing.py), three variants of one stack-training step — forward, loss, backward, clip, AdamW — on all seven
 projections of every layer:
 
-    moe    our MoE-LoRA, the paper's 4 experts x rank 16, top-2 (loss + 0.01 x the load-balance loss)
+    moe    our MoE-LoRA, the paper's 4 experts x rank 16, top-2 (loss + λ x the load-balance loss)
     lora   our single LoRA of rank 64, the paper's parameter-matched baseline
     peft   peft's LoRA of rank 64 (rsLoRA, no dropout): the library a user would pick instead
 
@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from ..stacks.layer import TARGET_MODULES, AdapterConfig, add_stack, aux_loss, make_adapter
+from ..stacks.layer import TARGET_MODULES, AdapterConfig, add_stack, make_adapter
+from ..training.sft import StackTrainConfig, stack_step
 from .timing import busy_machine, load_average, time_interleaved
 
 GOAL = 1.15  # MoE-LoRA's step within this factor of peft's LoRA
@@ -46,21 +47,14 @@ def bench_scale(batch_size: int = 4, seq_len: int = 128, rounds: int = 8, budget
     vocab = variants["peft"][0].config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=torch.Generator().manual_seed(seed))
 
-    def step(model, params, opt, with_aux: bool):
-        def run():
-            loss = model(input_ids=ids, labels=ids).loss
-            if with_aux:
-                loss = loss + 0.01 * aux_loss(model)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-        return run
-
+    # ministacks' own step for all three (loss + aux_weight x the load-balance loss, which is zero without
+    # MoE-LoRA layers; clip; AdamW)
+    train = StackTrainConfig(batch_size=batch_size, seq_len=seq_len, lr=1e-4)
     fns = {}
     for kind, (model, params) in variants.items():
         model.train()
-        fns[kind] = step(model, params, torch.optim.AdamW(params, lr=1e-4), with_aux=kind == "moe")
+        opt = torch.optim.AdamW(params, lr=train.lr)
+        fns[kind] = lambda model=model, params=params, opt=opt: stack_step(model, params, opt, ids, ids, train)
     timings = time_interleaved(fns, rounds, warmup=1, budget_s=budget_s, rotate=True)
     ms = {k: v * 1e3 for k, v in timings.median.items()}
     busy = busy_machine(timings.spread.values(), load)

@@ -14,14 +14,12 @@ ablation of null-space projection (docs/brainstacks.md §5).
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_json, load_tensors
+from ..io import atomic_write_bytes, atomic_write_json, load_tensors
 from ..presets import Preset, preset_record
 from ..report.paper import PAPER_FORGETTING
 from ..report.plots import plot_forgetting, plot_subspaces
@@ -110,11 +108,8 @@ def share_first_domain(source: Path, run: Path, model, manifest: dict) -> None:
         return
     records = [s for s in theirs["stacks"] if s["domain"] == domain]
     for record in records:  # files first, then the manifest names them (the store's order)
-        for src in stack_paths(source, domain, record["round"]):
-            dst = run / src.relative_to(source)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dst.with_suffix(dst.suffix + ".tmp"))
-            os.replace(dst.with_suffix(dst.suffix + ".tmp"), dst)
+        for src, dst in zip(stack_paths(source, domain, record["round"]), stack_paths(run, domain, record["round"])):
+            atomic_write_bytes(dst, src.read_bytes())
         load_stack(run, model, domain, record["round"])
     manifest["stacks"] += records
     manifest["forgetting"]["matrix"][0] = list(theirs["forgetting"]["matrix"][0])

@@ -86,7 +86,7 @@ def times_section(times: dict[str, float], ledger: dict) -> str:
     of reading) and over every invocation of the demo in this folder (OUT/stage_times.json), which for a
     run that was never interrupted is the same, and otherwise is what the stages cost in all."""
     n = ledger["invocations"]
-    rows = [f"| {name} | {s:.0f} | {ledger['seconds'].get(name, s):.0f} |" for name, s in times.items()]
-    total = sum(ledger["seconds"].get(name, s) for name, s in times.items())
+    rows = [f"| {name} | {s:.0f} | {ledger['seconds'][name]:.0f} |" for name, s in times.items()]
+    total = sum(ledger["seconds"][name] for name in times)
     return "\n".join(["## Stage times", "", f"| stage | seconds, this invocation | seconds, all {n} invocation(s) |",
                       "|---|---:|---:|", *rows, f"| **total** | **{sum(times.values()):.0f}** | **{total:.0f}** |", ""])
