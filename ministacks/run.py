@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from .inference.stacked import StackedRun
 from .io import RunFileError
-from .lm.base import load_base
+from .lm.base import has_base, is_pretrained, load_base
 from .lm.pretrain import RUN_MANIFESTS
 from .lm.quant import quantize_model
 from .lm.tokenizer import Tokenizer
@@ -57,7 +57,7 @@ def locate_run(path: str | Path) -> RunPaths:
         raise FileNotFoundError(f"no trained stacks in {path} (no manifest.json): run "
                                 f"`python -m ministacks train --out {path}` first")
     for out in (run, run.parent):
-        if (out / "base" / "model.safetensors").is_file():
+        if has_base(out):
             return RunPaths(out, run)
     raise FileNotFoundError(f"{run} has stacks but no base beside it ({run}/base or {run.parent}/base)")
 
@@ -83,7 +83,16 @@ def prepared_base(preset: Preset, out: Path) -> tuple[nn.Module, Tokenizer]:
     """The frozen base with every projection wrapped (and quantized to NF4 first if the preset says so).
 
     Checked on the way: the base's files against their checksums and the tokenizer against the base
-    (`load_base`), and the tokenizer against the stacks of every run in `out` (`check_run_folder`)."""
+    (`load_base`), and the tokenizer against the stacks of every run in `out` (`check_run_folder`).
+
+    A folder whose base is a pretrained Hugging Face model (OUT/base/pretrained.json) gets it from scale/,
+    installed beside ministacks: loaded in NF4 by bitsandbytes if the preset says so, wrapped the same way."""
+    if is_pretrained(out):
+        from scale.model import open_pretrained  # transformers and bitsandbytes, only for such a folder
+
+        model, tok = open_pretrained(out, quant=preset.quant)
+        check_run_folder(out, tok)
+        return model, tok
     model, tok = load_base(out)
     check_run_folder(out, tok)
     if preset.quant == "nf4":

@@ -166,10 +166,16 @@ def test_oracle(shares, expected):
 
 def test_oracle_without_medical_prompts_is_not_measured_and_the_papers_winner_is_read():
     assert oracle(_router({}, 0))["verdict"] == oracle(None)["verdict"] == "not measured"
-    r = {**_router({"code": 0.8, "medical": 0.2}, 5), "paper": {"oracle": {"medical": {"code": 2 / 3, "math": 1 / 3}}}}
+    r = {**_router({"code": 0.8, "medical": 0.2}, 5), "paper": {"oracle": {"medical": {"code": 2 / 3, "math": 1 / 3}}},
+         "domains": ["chat", "code", "medical"]}
     row = oracle(r)
     assert row["paper"] == "code on 2 of 3 medical prompts (67%)"
     assert row["verdict"] == "reproduced" and "code on 4 of 5" in row["ours"]
+
+
+def test_the_oracle_is_not_measured_where_the_papers_winner_has_no_stacks():
+    row = oracle({**_router({"chat+code": 0.9, "medical": 0.1}, 10), "domains": ["chat", "code", "medical"]})
+    assert row["verdict"] == "not measured" and "no math stacks" in row["note"]
 
 
 @pytest.mark.parametrize("losses, expected", [

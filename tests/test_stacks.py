@@ -238,3 +238,24 @@ def test_gradients_flow_through_frozen_stacks_to_earlier_layers(fused):
     model(x, labels=x).loss.backward()
     for g, p in zip(grads, [p for m in model.modules() if isinstance(m, _Reference) for p in m.layer.active.parameters()]):
         torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_a_bf16_base_gets_fp32_stacks_that_add_their_delta_in_its_dtype():
+    """A 4-bit base on a GPU computes in bf16; the stacks keep fp32 parameters, read x in fp32 and add their delta
+    in the base's dtype (QLoRA's mixed precision), the frozen ones as well as the one in training."""
+    from ministacks.stacks.layer import AdapterConfig, StackedLinear, add_stack, freeze_active, make_adapter
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.proj = StackedLinear(nn.Linear(16, 8).to(torch.bfloat16))
+    (p, *_), x = add_stack(holder, make_adapter("lora", AdapterConfig(lora_r=4))), torch.randn(3, 16)
+    with torch.no_grad():
+        holder.proj.active.lora_B.normal_()
+    y = holder.proj(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and p.dtype == torch.float32
+    expected = holder.proj.base_layer(x.bfloat16()).float() + holder.proj.active(x).delta
+    assert torch.allclose(y.float(), expected, rtol=2e-2, atol=2e-2)  # bf16 keeps 8 bits of mantissa
+    y.float().sum().backward()
+    assert p.grad is not None and p.grad.dtype == torch.float32
+    freeze_active(holder, "chat")
+    assert holder.proj(x.bfloat16()).dtype == torch.bfloat16  # the frozen stack too

@@ -95,6 +95,8 @@ class DataConfig:
                                       # math accuracy could not tell one model from another. Half: 100 of the
                                       # 200 test examples, enough for a 95% interval within ±10 points on
                                       # the task a small model can answer. 0: word problems only
+    hub: str = ""                     # "": the embedded corpora; "tinyllama" / "gemma": the paper's data sets for
+                                      # that base, from the Hugging Face hub (hub.py), through the same recipe
 
     def __post_init__(self):
         # a list would make the config unhashable and its cache key depend on the container type
@@ -110,6 +112,8 @@ class DataConfig:
             raise ValueError(f"oversample must be >= 1.0, got {self.oversample}")
         if not 0.0 <= self.arithmetic_share <= 1.0:
             raise ValueError(f"arithmetic_share must be in [0, 1] (0: word problems only), got {self.arithmetic_share}")
+        if self.hub not in ("", "tinyllama", "gemma"):
+            raise ValueError(f"hub must be '', 'tinyllama' or 'gemma' (the paper's data sets), got {self.hub!r}")
         unknown = sorted(set(self.reasoning_tasks) - set(REASONING_TASKS))
         if unknown or not self.reasoning_tasks:
             raise ValueError(f"reasoning_tasks must be a non-empty subset of {REASONING_TASKS}, got unknown {unknown}")

@@ -25,7 +25,7 @@ from random import Random
 
 from ..io import atomic_write_json, atomic_write_text, cache_dir, read_json
 
-from . import chat, code, math, medical, reasoning
+from . import chat, code, hub, math, medical, reasoning
 from .example import SPLITS, DataConfig, Example, check_domain, check_split, derived_rng
 
 # Bump whenever a builder or this pipeline changes what it produces: old caches are then ignored.
@@ -125,7 +125,9 @@ def recipe(cfg: DataConfig) -> dict:
             versions[package] = None  # the builder that needs it will raise a clear ImportError
     return {
         "recipe_version": RECIPE_VERSION,
-        "config": asdict(cfg),
+        # a config field left at its "nothing new" default is left out, so the embedded corpora keep the hash
+        # (and the cache) they had before the field existed
+        "config": {k: v for k, v in asdict(cfg).items() if not (k == "hub" and v == "")},
         "packages": versions,
         "python": f"{sys.implementation.name}-{platform.python_version()}",
     }
@@ -153,8 +155,9 @@ def domain_stats_path(folder: Path, domain: str) -> Path:
 
 
 def _build_domain(domain: str, cfg: DataConfig, folder: Path) -> None:
-    candidates = BUILDERS[domain](cfg)
-    shares = SOURCE_SHARES[domain](cfg) if domain in SOURCE_SHARES else None
+    # the paper's data sets from the hub (hub.py) where the config asks for them, else the embedded corpora
+    candidates = hub.build(domain, cfg.hub, cfg) if cfg.hub else BUILDERS[domain](cfg)
+    shares = SOURCE_SHARES[domain](cfg) if domain in SOURCE_SHARES and not cfg.hub else None
     splits = make_splits(domain, candidates, cfg, shares)
     for split, examples in splits.items():
         write_jsonl(folder / domain / f"{split}.jsonl", [ex.to_dict() for ex in examples])

@@ -38,8 +38,21 @@ from .model import ModelConfig, Transformer
 from .tokenizer import Tokenizer
 
 BASE_FORMAT = "ministacks-base"
+# a folder whose base is a pretrained Hugging Face model instead (scale/model.py writes and reads it)
+PRETRAINED_RECORD = "base/pretrained.json"
 # what base/config.json records beside the ModelConfig's own fields (all optional: older bases lack them)
 BASE_RECORD_KEYS = ("format", "tokenizer", "pretrain", "sha256", "n_bytes", "record_sha256")
+
+
+def has_base(out: str | Path) -> bool:
+    """Whether `out` holds a base: one pretrained from scratch here, or the record of a pretrained one."""
+    out = Path(out)
+    return (out / "base" / "model.safetensors").is_file() or is_pretrained(out)
+
+
+def is_pretrained(out: str | Path) -> bool:
+    """Whether `out`'s base is a pretrained Hugging Face model (OUT/base/pretrained.json, scale/model.py)."""
+    return (Path(out) / PRETRAINED_RECORD).is_file()
 
 
 def save_base(out: Path, model: Transformer, run_config: dict) -> None:

@@ -237,13 +237,17 @@ def oracle(r: dict | None) -> dict:
     o = (r or {}).get("oracle", {}).get("medical")
     if not o or not o.get("n"):
         return _unmeasured(finding, paper, "no router.json" if not r else "router.json's oracle has no medical prompts")
+    domains = r.get("domains") or []
+    missing = [d for d in combo.split("+") if d not in domains]
+    if missing:  # the paper's winner cannot win where one of its stacks was never trained
+        return _unmeasured(finding, paper, f"this run has no {' or '.join(missing)} stacks "
+                                           f"(its domains: {', '.join(domains)})")
     n, shares = o["n"], o["shares"]
     # shares are k/n of n prompts: round(share · n) is the count again
     same, reverse = round(shares.get(combo, 0.0) * n), round(shares.get("medical", 0.0) * n)
     top = max(shares.values())
     winners = " / ".join(k for k, v in shares.items() if v == top)
     ours = f"{combo} on {same} of {n} ({same / n:.0%}); most common: {winners} ({top:.0%})"
-    domains = r.get("domains") or []
     floor = f", chat at ≥ {r['oracle_chat_floor']} in every combination" if r.get("oracle_chat_floor") else ""
     note = (f"The oracle here: {n} medical prompts, {len(domains)} domain stacks ({', '.join(domains)}), "
             f"{r.get('search', 'an unrecorded')} search{floor}. In the paper: {count.denominator} medical prompts.")

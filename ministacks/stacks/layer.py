@@ -233,6 +233,8 @@ class StackedLinear(nn.Module):
             self.last_aux = None
         if self.on.base:
             return self.base_layer(x)
+        if x.dtype != torch.float32:
+            return self._forward_in_fp32(x)
         # no torch.no_grad() here: the frozen weights need no gradient (requires_grad is False), but the
         # frozen deltas depend on x, and earlier layers' active stacks need the gradient through them
         fused = self.fused_pass() if self.use_fused else None
@@ -243,13 +245,25 @@ class StackedLinear(nn.Module):
             frozen = self.frozen_delta_loop(x) if len(self.stacks) else None
             if frozen is not None:
                 y = y + frozen
-        if self.active is not None:
-            V = self.project_active.basis(self.training) if self.project_active is not None else None
-            # projecting B (not every token's delta) gives the same delta and gradients, far cheaper
-            out = self.active(x) if V is None else self.active(x, out_basis=V)
-            y = y + out.delta
-            self.last_aux = out.aux_loss
-        return y
+        return y if self.active is None else self._plus_active(x, y)
+
+    def _plus_active(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y + the active stack's delta of x (in y's dtype), its load-balance loss kept in `last_aux`."""
+        V = self.project_active.basis(self.training) if self.project_active is not None else None
+        # projecting B (not every token's delta) gives the same delta and gradients, far cheaper
+        out = self.active(x) if V is None else self.active(x, out_basis=V)
+        self.last_aux = out.aux_loss
+        return y + out.delta.to(y.dtype)
+
+    def _forward_in_fp32(self, x: torch.Tensor) -> torch.Tensor:
+        """A base that computes in bf16 (a 4-bit base on a GPU): the stacks, whose parameters are fp32, read x in
+        fp32 and add their delta back in the base's dtype (QLoRA's mixed precision), stack by stack."""
+        y = self.base_layer(x)
+        x32 = x.float()
+        frozen = self.frozen_delta_loop(x32) if len(self.stacks) else None
+        if frozen is not None:
+            y = y + frozen.to(y.dtype)
+        return y if self.active is None else self._plus_active(x32, y)
 
     def invalidate(self) -> None:
         """Drop the fused passes: call it after changing the frozen stacks by hand (adding or deleting one,

@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..io import atomic_write_json, read_json
+from ..lm.base import is_pretrained
 from ..presets import Preset
 from ..report.paper import PAPER_EXP1, PAPER_STACK_SHARE
 from ..report.plots import plot_compare
@@ -42,7 +43,7 @@ def run_compare(preset: Preset, out: str | Path, progress: bool = True, domain: 
         # each arm on a fresh base: both are stack 0, so they get the same stack seed and data order
         model, tok = prepared_base(preset, out)
         # the base's parameters as trained (fp32), not as stored: NF4 packs two weights per byte
-        result["base_params"] = projection_shapes(model.cfg)[0]
+        result["base_params"] = model.num_params() if is_pretrained(out) else projection_shapes(model.cfg)[0]
         train, val = domain_data(preset, tok, domain, cfg)
         r = train_round(model, make_adapter(kind, preset.adapter), train, lambda: example_loss(model, val), cfg,
                         progress=progress, desc=f"compare {kind}")

@@ -18,6 +18,7 @@ import torch
 
 from ..data import DOMAINS, Example, general_corpus, load_split, raw_text
 from ..io import atomic_write_json
+from ..lm.base import has_base
 from ..lm.model import Transformer
 from ..lm.pretrain import pretrain
 from ..lm.tokenizer import Tokenizer, train_or_load_tokenizer
@@ -91,8 +92,9 @@ def tokenizer_stats(tok: Tokenizer, preset: Preset) -> dict:
 
 
 def ensure_base(preset: Preset, out: Path, progress: bool) -> None:
-    """Pretrain into `out` first if it has no base: every stage after pretraining can start from nothing."""
-    if not (out / "base" / "model.safetensors").is_file():
+    """Pretrain into `out` first if it has no base: every stage after pretraining can start from nothing.
+    A folder whose base is a pretrained model (OUT/base/pretrained.json, scale/model.py) has one."""
+    if not has_base(out):
         stage_pretrain(preset, out, progress=progress)
 
 

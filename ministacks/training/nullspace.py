@@ -139,6 +139,7 @@ def inference_configuration(model: nn.Module, hide_active: bool) -> Iterator[lis
 
 def stacks_delta(layer: StackedLinear, x: torch.Tensor, domains: list[str] | None) -> torch.Tensor:
     """Σ of the given domains' frozen stacks' deltas at weight 1 (None: every frozen stack), x [..., d_in]."""
+    x = x.float()  # the stacks compute in fp32 under a bf16 base too (StackedLinear._forward_in_fp32)
     if domains is None:  # ungated: exactly the layer's own frozen delta (set by inference_configuration)
         delta = layer.frozen_delta_loop(x)
     else:
@@ -181,7 +182,7 @@ def collect_deltas(model: nn.Module, data: ExampleSet, domains: list[str] | None
     def record(name: str) -> Callable:
         def hook(layer: StackedLinear, x: torch.Tensor, mask: torch.Tensor) -> None:
             delta = stacks_delta(layer, x, domains)  # [b, T, d_out]
-            m = mask.unsqueeze(-1).to(delta.dtype)  # [b, T, 1]
+            m = mask.unsqueeze(-1).to(delta.device, delta.dtype)  # [b, T, 1]
             rows.setdefault(name, []).append((delta * m).sum(1) / m.sum(1).clamp_min(1))  # [b, d_out]
         return hook
 
