@@ -51,7 +51,7 @@ def test_bench_route_structure_and_report():
 
     text = format_bench_route(d)
     for needle in ("base alone", "ungated, fused", "stack by stack", "routed", "forward", "generate",
-                   "chat 0.2", "math 0.9", "router's share", "target routed <= 1.3x base"):
+                   "chat 0.2", "math 0.9", "router's share", "target routed <= 1.3x base", "with free stacks"):
         assert needle in text, needle
 
     # the two busy-machine warnings, on a planted spread and load average

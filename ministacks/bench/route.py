@@ -344,8 +344,15 @@ def format_bench_route(d: dict) -> str:
             ]
             spreads += m["spread"].values()
         f, g = r["forward"]["ratios"]["routed/base"], r["generate"]["ratios"]["routed/base"]
+        # what routing costs before any stack does: the feature pass and the router network, on top of a
+        # stacked pass that would cost exactly the base's if the stacks were free
+        gen = r["generate"]
+        floor = 1 + (gen["routed_parts"]["features"] + gen["routed_parts"]["router"]) / gen["seconds"]["base"]
+        stacked = gen["routed_parts"]["stacks"] / gen["seconds"]["base"]
         lines.append(f"  target routed <= {target}x base: forward {_verdict(f, target)} (at least ~2x by "
-                     f"construction: the feature pass is a base forward); generate {_verdict(g, target)}")
+                     f"construction: the feature pass is a base forward); generate {_verdict(g, target)}: "
+                     f"with free stacks it would be {floor:.2f}x (feature pass + router), and the stacked "
+                     f"generation alone is {stacked:.2f}x the base's")
     busy = busy_machine(spreads, d["load_before"])
     if busy.spread:
         lines.append(f"warning: median runs up to {busy.spread:.2f}x the fastest: the cores were busy with other work, "
