@@ -73,11 +73,11 @@ class PretrainedLM(nn.Module):
     def __init__(self, hf: nn.Module, max_seq_len: int):
         super().__init__()
         self.hf = hf
-        limit = getattr(getattr(hf.config, "get_text_config", lambda: hf.config)(), "max_position_embeddings", None)
+        text = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config  # the LM's own
+        limit = getattr(text, "max_position_embeddings", None)
         if limit is not None and max_seq_len > limit:
             raise ValueError(f"max_seq_len {max_seq_len} exceeds the base's {limit} positions")
         self.cfg = SimpleNamespace(max_seq_len=max_seq_len)
-        text = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
         # a head whose logits are not a plain linear map of the last hidden state cannot be applied at positions
         self._plain_head = getattr(text, "final_logit_softcapping", None) is None
 

@@ -126,19 +126,11 @@ def sets_of(family: str, domains) -> list[HubSet]:
 
 
 def _rows(s: HubSet):
-    """The rows of one set: from the hub, or from the local datasets cache without a network (user.py's rule)."""
-    import datasets
+    """The rows of one set: from the hub, or from the local datasets cache without a network (user.py's loader,
+    which says clearly when neither can serve it)."""
+    from .user import _load_hub
 
-    from .user import _cache_only, _no_network_reason
-
-    def load():
-        return datasets.load_dataset(s.id, s.config, split=s.split, streaming=s.limit is not None)
-
-    if _no_network_reason() is None:
-        rows = load()
-    else:
-        with _cache_only():
-            rows = load()
+    rows = _load_hub(s.id, s.split, s.config, streaming=s.limit is not None)
     return rows.take(s.limit) if s.limit is not None else rows
 
 

@@ -198,20 +198,20 @@ def _cache_only():
         datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE, hub.HF_HUB_OFFLINE = saved
 
 
-def _load_hub(source: str, split: str):
+def _load_hub(source: str, split: str, config: str | None = None, streaming: bool = False):
     import datasets
 
     reason = _no_network_reason()
     if reason is None:
         try:
-            return datasets.load_dataset(source, split=split)
+            return datasets.load_dataset(source, config, split=split, streaming=streaming)
         except Exception as e:
             raise UserDataError(
                 f"could not load {source!r} (split {split!r}) from the Hugging Face hub: {type(e).__name__}: {e}"
             ) from e
     try:  # no network, but it may have been downloaded before
         with _cache_only():
-            return datasets.load_dataset(source, split=split)
+            return datasets.load_dataset(source, config, split=split, streaming=streaming)
     except Exception as e:
         cause = str(e).splitlines()[0] if str(e) else ""
         raise UserDataError(
