@@ -40,6 +40,9 @@ class EvalConfig:
     # teacher forcing (evaluation/forced.py): one forward each, so all of them; a 95% interval of ±10
     # points needs about 100
     n_exact: int = 200
+    # test examples per domain whose reference response is chosen among 3 others of its kind by mean
+    # log-prob (evaluation/choice.py): chance is 25%, so modes differ where greedy answers are all wrong
+    n_choice: int = 200
     n_general: int = 100  # general held-out prose documents whose loss is measured in every mode
     max_new_tokens: int = 160  # cap; a domain generates at most its longest reference answer + 8 tokens
     repetition_penalty: float = 1.2  # paper (docs/brainstacks.md §7)
@@ -93,7 +96,7 @@ SMOKE = Preset(
     router=RouterConfig(prompts_per_domain=20, mixed_per_kind=4, epochs=3),
     # HumanEval: the first 24 problems; at vocabulary 512 nearly every prompt overflows the 256-token context,
     # and HumanEval/23 is the first that fits (measured), so the CLI tests ask one problem per mode
-    eval=EvalConfig(n_loss=20, n_generate=2, n_exact=10, n_general=4, max_new_tokens=16, n_panel_mixed=2,
+    eval=EvalConfig(n_loss=20, n_generate=2, n_exact=10, n_choice=10, n_general=4, max_new_tokens=16, n_panel_mixed=2,
                     humaneval=24),
 )
 
@@ -130,7 +133,7 @@ QUICK = Preset(
     # 30 problems (pass@1's 95% interval at 0 of 30 is [0%, 11.4%]); all 164 cost about a minute and a half
     # more over the four modes. 3 generated answers per domain: the panel of what the answers look like;
     # the exact check is the accuracy with an interval. The paper preset asks 200, 50 and all 164
-    eval=EvalConfig(n_loss=50, n_exact=100, n_generate=3, max_new_tokens=96, n_panel_mixed=2, humaneval=30),
+    eval=EvalConfig(n_loss=50, n_exact=100, n_choice=100, n_generate=3, max_new_tokens=96, n_panel_mixed=2, humaneval=30),
 )
 
 PAPER = Preset(

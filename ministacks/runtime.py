@@ -6,6 +6,8 @@
   loop runs in one: the loss, the router's features, the null-space directions. Frozen stacks keep
   their own rule inside it (stacks.layer.StackedLinear.train: frozen stays eval), because switching is
   always done with `model.train(mode)`.
+- `process_group()`: this process's rank and the world size when torch.distributed runs it (torchrun),
+  (0, 1) otherwise: what the training round splits its batch by.
 """
 
 from __future__ import annotations
@@ -48,3 +50,12 @@ def training_state(model: nn.Module, training: bool) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was)
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size) of this process in an initialised torch.distributed process group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

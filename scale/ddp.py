@@ -2,11 +2,12 @@
 
     torchrun --nproc_per_node=2 -m scale.ddp --base FOLDER --out STACK.safetensors [--kind lora] [--steps 8]
 
-gloo on the CPU, nccl on a GPU. Every process holds the whole frozen base (NF4 by default: QLoRA) and the same
-fresh stack (the stack's own seed, as in ministacks' training round); each step, every process draws the same
-global batch of windows (a pure function of the seed and the step: ministacks.lm.pretrain.window_starts),
-takes its share of the rows, and runs ministacks' `stack_step` through DDP, which averages the active stack's
-gradients over the processes before AdamW. With an all-token loss every row has the same number of scored
+gloo on the CPU, nccl on a GPU. This script only starts the processes and loads the base: the round is
+ministacks' own `train_round` (its seeding, schedule, guard and checkpoints), which splits its batch over the
+process group when there is one. Every process holds the whole frozen base (NF4 by default: QLoRA) and the
+same fresh stack (the stack's own seed); each step, every process draws the same global batch of windows (a
+pure function of the seed and the step: ministacks.lm.pretrain.window_starts), takes its share of the rows,
+and runs `stack_step` through DDP, which averages the active stack's gradients over the processes before AdamW. With an all-token loss every row has the same number of scored
 tokens, so the averaged gradient is the one-process gradient of the global batch, and the stacks agree with a
 one-process run up to the order of floating-point sums (tests/test_scale_ddp.py).
 
@@ -25,46 +26,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 
 from ministacks.data import load_split
 from ministacks.presets import SMOKE
-from ministacks.stacks.layer import AdapterConfig, add_stack, make_adapter
-from ministacks.training.examples import PackedExamples
-from ministacks.training.sft import StackTrainConfig, frozen_stack_count, lr_factor, stack_seed, stack_step
+from ministacks.stacks.layer import AdapterConfig, active_parameters, make_adapter
+from ministacks.training.examples import ExampleSet, PackedExamples, example_loss
+from ministacks.training.sft import StackTrainConfig, train_round
 
 from .bases import inject_stacks, load_base
 from .tokens import PretrainedTokenizer
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process: torchrun's environment, or (0, 1) alone."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def ddp_round(model, make, train: PackedExamples, cfg: StackTrainConfig,
-              first_grads: list | None = None) -> list[torch.nn.Parameter]:
-    """Add a fresh active stack to `model` and train it for cfg.steps steps over the processes of the
-    initialised process group (one process: no group needed). Returns the stack's parameters; `first_grads`,
-    a list, receives the first step's gradients (averaged over the processes, clipped) as AdamW saw them."""
-    rank, size = world()
-    torch.manual_seed(stack_seed(cfg.seed, frozen_stack_count(model)))  # the same fresh stack in every process
-    params = add_stack(model, make)
-    if cfg.batch_size % size:
-        raise ValueError(f"the global batch of {cfg.batch_size} rows does not split over {size} processes")
-    # the base is loaded alike in every process: nothing to broadcast each step but the gradients
-    net = DistributedDataParallel(model, broadcast_buffers=False) if size > 1 else model
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
-    model.train()
-    for step in range(cfg.steps):
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * lr_factor(step, cfg)
-        x, y = train.batch(step, cfg.batch_size, cfg.seed)  # the global batch, the same in every process
-        rows = slice(rank * cfg.batch_size // size, (rank + 1) * cfg.batch_size // size)
-        stack_step(net, params, opt, x[rows], y[rows], cfg)
-        if step == 0 and first_grads is not None:
-            first_grads += [p.grad.detach().clone() for p in params]
-    return params
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--domain", default="chat", help="training examples of this embedded domain (smoke split)")
     p.add_argument("--grads", type=Path, help="also write the first step's gradients here (first process)")
     args = p.parse_args(argv)
-    rank, size = world()
+    rank, size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
     device = f"cuda:{rank}" if torch.cuda.is_available() else "cpu"
     if size > 1:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
@@ -89,11 +59,20 @@ def main(argv: list[str] | None = None) -> int:
         tok = PretrainedTokenizer.from_pretrained(args.base)
         train = PackedExamples(tok, load_split(args.domain, "train", SMOKE.data), completion_only=False,
                                seq_len=args.seq_len)
+        # one validation pass, at the end: the round's guard then keeps the trained stack (or the identity)
         cfg = replace(StackTrainConfig(), steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                      lr=1e-2, warmup_steps=1)
+                      lr=1e-2, warmup_steps=1, eval_every=args.steps)
+        val = ExampleSet(tok, load_split(args.domain, "val", SMOKE.data)[:8], completion_only=False,
+                         max_len=args.seq_len)
         grads: list = []
-        params = ddp_round(model, make_adapter(args.kind, AdapterConfig(n_experts=4, r=2, lora_r=8)), train, cfg,
-                           first_grads=grads)
+
+        def first_gradients(_model) -> None:  # after the first optimizer step: the gradients AdamW saw
+            if not grads:
+                grads.extend(p.grad.detach().clone() for p in active_parameters(model))
+
+        train_round(model, make_adapter(args.kind, AdapterConfig(n_experts=4, r=2, lora_r=8)), train,
+                    lambda: example_loss(model, val), cfg, progress=False, after_step=first_gradients)
+        params = active_parameters(model)
         if rank == 0:
             from safetensors.torch import save_file
 

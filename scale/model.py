@@ -37,7 +37,7 @@ import torch.nn as nn
 
 from ministacks.io import RunFileError, atomic_write_json, read_json
 from ministacks.lm.base import PRETRAINED_RECORD
-from ministacks.lm.model import ModelOutput, Transformer
+from ministacks.lm.model import ModelOutput, decode
 
 from .bases import inject_stacks, language_model, load_base
 from .tokens import PretrainedTokenizer
@@ -130,28 +130,19 @@ class PretrainedLM(nn.Module):
                  top_k: int | None = None, repetition_penalty: float = 1.0, eos_id: int | None = None,
                  generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
         """Transformer.generate's contract: [B, T] -> [B, T + n], n <= max_new_tokens, rows that finished padded
-        with eos_id, the same sampling rule (Transformer._next_token); the decoder's own KV cache."""
-        B, T = input_ids.shape
-        if T + max_new_tokens > self.cfg.max_seq_len:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
-                             f"max_seq_len={self.cfg.max_seq_len}; shorten the prompt or generate less")
-        home = input_ids.device
-        seq, past = input_ids.to(self.device), None
-        done = torch.zeros(B, dtype=torch.bool, device=seq.device)
-        step_input = seq
-        for _ in range(max_new_tokens):
+        with eos_id, the same loop and sampling rule (ministacks.lm.model.decode); the decoder's own KV cache."""
+        past = None  # the decoder's KV cache, carried from one call to the next
+
+        def next_logits(step_input: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+            nonlocal past
             out = self.hf(input_ids=step_input if use_cache else seq, past_key_values=past, use_cache=use_cache)
             past = out.past_key_values if use_cache else None
-            nxt = Transformer._next_token(out.logits[:, -1].float(), seq, temperature, top_k, repetition_penalty,
-                                          generator)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-            if eos_id is not None and bool(done.all()):
-                break
-            step_input = nxt[:, None]
-        return seq.to(home)
+            return out.logits[:, -1]
+
+        seq = decode(next_logits, input_ids.to(self.device), max_new_tokens, self.cfg.max_seq_len,
+                     temperature=temperature, top_k=top_k, repetition_penalty=repetition_penalty, eos_id=eos_id,
+                     generator=generator)
+        return seq.to(input_ids.device)
 
 
 # -- the run folder's record ------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -345,30 +346,17 @@ class Transformer(nn.Module):
         recomputes the whole sequence at every step: slow, obviously correct, the test's reference.
         """
         B, T = input_ids.shape
-        if T + max_new_tokens > self.cfg.max_seq_len:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
-                             f"max_seq_len={self.cfg.max_seq_len}; shorten the prompt or generate less")
-        seq = input_ids
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         cache = None
         if use_cache:
             p = self.embed_tokens.weight
             cache = KVCache(self.cfg, B, T + max_new_tokens, dtype=p.dtype, device=p.device)
-        step_input = input_ids  # the prompt first (prefill), then one token at a time
-        for _ in range(max_new_tokens):
-            if use_cache:
-                logits = self(step_input, kv_cache=cache).logits[:, -1]  # [B, V]
-            else:
-                logits = self(seq).logits[:, -1]
-            nxt = self._next_token(logits.float(), seq, temperature, top_k, repetition_penalty, generator)
-            if eos_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
-                done |= nxt == eos_id
-            seq = torch.cat([seq, nxt[:, None]], dim=1)
-            step_input = nxt[:, None]
-            if eos_id is not None and bool(done.all()):
-                break
-        return seq
+
+        def next_logits(step_input: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+            # with the cache: the prompt first (prefill), then one token at a time; without: the whole sequence
+            return (self(step_input, kv_cache=cache) if use_cache else self(seq)).logits[:, -1]  # [B, V]
+
+        return decode(next_logits, input_ids, max_new_tokens, self.cfg.max_seq_len, temperature=temperature,
+                      top_k=top_k, repetition_penalty=repetition_penalty, eos_id=eos_id, generator=generator)
 
     @staticmethod
     def _next_token(logits, seq, temperature, top_k, repetition_penalty, generator) -> torch.Tensor:
@@ -409,3 +397,30 @@ class Transformer(nn.Module):
                              f"unexpected {sorted(unexpected)}. Was it saved with another ModelConfig?")
         if self.cfg.tie_embeddings:
             assert self.lm_head.weight is self.embed_tokens.weight
+
+
+def decode(next_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], input_ids: torch.Tensor,
+           max_new_tokens: int, max_seq_len: int, *, temperature: float = 0.0, top_k: int | None = None,
+           repetition_penalty: float = 1.0, eos_id: int | None = None,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """The decoding loop of every model here (Transformer.generate, and scale/'s Hugging Face bases):
+    `next_logits(step_input, seq)` gives the next-token logits [B, V] — step_input the prompt at the first
+    call and the last token after, for a model with a KV cache; seq everything so far, for one without —
+    and the tokens are chosen by Transformer._next_token. Stops when every row has produced eos_id."""
+    B, T = input_ids.shape
+    if T + max_new_tokens > max_seq_len:
+        raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"max_seq_len={max_seq_len}; shorten the prompt or generate less")
+    seq = step_input = input_ids
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        nxt = Transformer._next_token(next_logits(step_input, seq).float(), seq, temperature, top_k,
+                                      repetition_penalty, generator)
+        if eos_id is not None:
+            nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)  # a finished row is padded with eos
+            done |= nxt == eos_id
+        seq = torch.cat([seq, nxt[:, None]], dim=1)
+        if eos_id is not None and bool(done.all()):
+            break
+        step_input = nxt[:, None]
+    return seq

@@ -39,16 +39,24 @@ def _exact_cell(x: dict) -> str:
     return cell
 
 
+def _choice_cell(x: dict) -> str:
+    """The choice accuracy (mean log-prob rule) with its interval and n, and the sum rule's share beside it."""
+    ch = x.get("choice")
+    if not ch or not ch["n"]:
+        return "–"
+    return f"{share_cell(ch['correct'], ch['n'])} (sum: {ch['correct_sum'] / ch['n']:.0%})"
+
+
 def eval_table(e: dict) -> list[str]:
     """Test loss and both accuracies per domain and mode, as markdown table rows: the loss beside what the
     greedy answers got right, because the two can disagree (a lower loss with answers that go wrong)."""
-    rows = ["| domain | mode | test loss | exact greedy answer | generated answers (code: HumanEval pass@1) |",
-            "|---|---|---:|---:|---:|"]
+    rows = ["| domain | mode | test loss | choice of 4 | exact greedy answer | generated answers (code: HumanEval pass@1) |",
+            "|---|---|---:|---:|---:|---:|"]
     for d in e["domains"]:
         for m in e["modes"]:
             x = e["results"].get(f"{m}/{d}", {})  # a block not evaluated yet: {}, shown "–"
             loss = f"{x['loss']:.3f}" if "loss" in x else "–"
-            rows.append(f"| {d} | {m} | {loss} | {_exact_cell(x)} | {_accuracy_cell(x)} |")
+            rows.append(f"| {d} | {m} | {loss} | {_choice_cell(x)} | {_exact_cell(x)} | {_accuracy_cell(x)} |")
     return rows
 
 
@@ -98,6 +106,25 @@ def code_lines(e: dict) -> str:
     return " ".join(lines)
 
 
+def choice_finding(e: dict) -> str:
+    """Where each mode's choice accuracy stands to the base's, domain by domain, counted from eval.json:
+    above at all, and above with the two 95% intervals apart (an unpaired, conservative reading)."""
+    sentences = []
+    for mode in [m for m in e.get("modes", ()) if m != "base"]:
+        pairs = [(d, e["results"].get(f"base/{d}", {}).get("choice"), e["results"].get(f"{mode}/{d}", {}).get("choice"))
+                 for d in e["domains"]]
+        pairs = [(d, b, x) for d, b, x in pairs if b and x and b["n"] and x["n"]]
+        if not pairs:
+            continue
+        above = [d for d, b, x in pairs if x["correct"] / x["n"] > b["correct"] / b["n"]]
+        apart = [d for d, b, x in pairs
+                 if wilson_interval(x["correct"], x["n"])[0] > wilson_interval(b["correct"], b["n"])[1]]
+        sentences.append(f"{mode} above the base on {len(above)} of {len(pairs)} domains"
+                         + (f" ({', '.join(above)})" if above else "")
+                         + f", with the intervals apart on {len(apart)}" + (f" ({', '.join(apart)})" if apart else ""))
+    return ("Choice of 4 (chance 25%): " + "; ".join(sentences) + ".") if sentences else ""
+
+
 def eval_finding(e: dict) -> str:
     """How each routed mode's test loss stands to base and ungated, domain by domain, counted from eval.json."""
     sentences = []
@@ -134,7 +161,11 @@ def eval_section(e: dict, figure: str) -> str:
     lines = ["## Base, ungated, routed and switched (the paper's Table 4 and §5.3)", "",
              "Modes: *base* every stack off; *ungated* every stack on at weight 1; *routed* the router's weights "
              "(the paper's rule: a switched-on domain at weight p); *switched* the same domains at weight 1.", "",
-             f"Test split of each domain: loss over {cfg['n_loss']} examples. *Exact greedy answer*: of the first "
+             f"Test split of each domain: loss over {cfg['n_loss']} examples. *Choice of 4*: of the first "
+             f"{cfg.get('n_choice', 0)} test examples, the share whose reference response has a higher mean log-prob "
+             "per token (the paper's rule for multiple choice) than each of 3 responses to other test prompts of "
+             "its kind, with a different answer where the domain has one (chance 25%; *sum*: the share by summed "
+             "log-prob, lm-evaluation-harness's `acc`). *Exact greedy answer*: of the first "
              f"{cfg.get('n_exact', 0)} test examples with a checkable answer, the share whose greedy answer (repetition "
              "penalty as generation's) is exactly the reference response, checked by teacher forcing (one forward per "
              "example gives the verdict generation would; a different but correct working counts as wrong). "
@@ -157,7 +188,7 @@ def eval_section(e: dict, figure: str) -> str:
             lines.append(f"| {d} | " + " | ".join(f"{r['mean_weight'][x]:.2f}" for x in e["domains"]) + " |")
         lines.append("")
     # the paper's benchmarks are not ours: quoted for scale, with its own count, never compared with ours
-    lines += [eval_finding(e), "",
+    lines += [eval_finding(e), "", choice_finding(e), "",
               "The paper's Table 4 (Gemma 3 12B, zero-shot benchmarks, base → routed), for scale; it is not measured "
               "here: " + ", ".join(f"{k} {a:.3f} → {b:.3f}" for k, (a, b) in e["paper_table4"].items())
               + f" (routed above base on {sum(b > a for a, b in e['paper_table4'].values())} of "

@@ -284,7 +284,7 @@ def plot_router(result: dict, path: str | Path) -> Path:
 
 
 def plot_eval(result: dict, path: str | Path) -> Path:
-    """Loss and exact greedy accuracy per domain in every mode (base, ungated, routed, switched).
+    """Loss, choice accuracy and exact greedy accuracy per domain in every mode (base, ungated, routed, switched).
 
     `result`: eval.json's dict (stages/evaluate.py), "results" keyed "mode/domain". One group of bars
     per domain, one bar per mode; the loss panel ends with the general held-out text ("general"). A
@@ -296,9 +296,9 @@ def plot_eval(result: dict, path: str | Path) -> Path:
     path = Path(path)
     domains, modes = result["domains"], result["modes"]
     general = result.get("general") or {}
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.4), dpi=110)
+    fig, axes = plt.subplots(1, 3, figsize=(19, 4.4), dpi=110)
     width = 0.8 / len(modes)  # a domain's bars fill 80% of its slot: a gap between domains
-    for k, metric in enumerate(("loss", "exact")):
+    for k, metric in enumerate(("loss", "choice", "exact")):
         ax = axes[k]
         groups = domains + (["general"] if metric == "loss" and general else [])
         x = np.arange(len(groups))
@@ -309,8 +309,8 @@ def plot_eval(result: dict, path: str | Path) -> Path:
                 v, lo, hi = np.nan, 0.0, 0.0
                 if metric == "loss" and "loss" in cell:
                     v = cell["loss"]
-                elif metric == "exact" and cell.get("exact", {}).get("n"):
-                    c, n = cell["exact"]["correct"], cell["exact"]["n"]
+                elif metric != "loss" and cell.get(metric, {}).get("n"):
+                    c, n = cell[metric]["correct"], cell[metric]["n"]
                     low, high = wilson_interval(c, n)
                     v, lo, hi = c / n, c / n - low, high - c / n
                 vals.append(v)
@@ -318,10 +318,13 @@ def plot_eval(result: dict, path: str | Path) -> Path:
                 errs[1].append(hi)
             # offsets centre the group on the domain's tick; NaN draws no bar
             ax.bar(x + (i - (len(modes) - 1) / 2) * width, vals, width, label=mode,
-                   yerr=errs if metric == "exact" else None, capsize=2)
+                   yerr=errs if metric != "loss" else None, capsize=2)
         ax.set_xticks(x, groups)
-        ax.set_title("test loss (lower is better; general: held-out prose)" if metric == "loss"
-                     else "exact greedy answer, 95% interval (chat, code: nothing checkable)")
+        ax.set_title({"loss": "test loss (lower is better; general: held-out prose)",
+                      "choice": "choice of 4 by mean log-prob, 95% interval",
+                      "exact": "exact greedy answer, 95% interval (chat, code: nothing checkable)"}[metric])
+        if metric == "choice":
+            ax.axhline(0.25, color="grey", lw=0.8, ls="--")  # chance: one of four
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)

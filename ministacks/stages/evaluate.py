@@ -11,6 +11,10 @@ router or the epoch selection):
                reference response — computed by teacher forcing, one forward per example instead of one per
                token (evaluation/forced.py: the same verdict as generating), so n can be in the hundreds.
                `by_source` splits it by generator (math: arithmetic and word problems)
+    choice     every domain, chat and code too: of the first `n_choice` test examples, the share whose
+               reference response has a higher mean log-prob per token than each of 3 responses to other
+               test prompts of its kind (evaluation/choice.py; chance 25%): the accuracy that can differ
+               between modes where every greedy answer is wrong; `correct_sum` by the summed log-prob
     accuracy   greedy answers *generated* for the first `n_generate` test examples, scored by tasks.score:
                math the "####" number, reasoning the final answer, medical the ICD code or a definition's
                word overlap; chat has nothing checkable. Fewer than `exact`'s (generation is the slow part),
@@ -46,6 +50,7 @@ from tqdm.auto import tqdm
 
 from ..data import general_text, load_split, mixed_prompts, raw_prompt, render_alpaca
 from ..evaluation import humaneval
+from ..evaluation.choice import choice_accuracy, choice_sets
 from ..evaluation.modes import (ROUTED_MODES, Weights, exact_accuracy, mean_loss, mode_weights, paired_difference,
                                 route_summary, text_losses)
 from ..evaluation.tasks import score
@@ -125,7 +130,9 @@ def _block(sr: StackedRun, mode: str, domain: str, cfg: EvalConfig, routes: dict
     # the first n of a fixed order: every mode is measured on the same examples; the exact check needs
     # an answer to check (medical: the ICD half; HPO definitions have none)
     checkable = [i for i, ex in enumerate(test) if ex.answer is not None][: cfg.n_exact]
-    used = max([cfg.n_loss, cfg.n_generate] + [i + 1 for i in checkable])
+    seq_len = sr.preset.stack.seq_len
+    choices = choice_sets(sr.tok, test, seq_len, cfg.n_choice)  # every domain: a true response against others
+    used = max([cfg.n_loss, cfg.n_generate] + [i + 1 for i in checkable] + [i + 1 for i, _ in choices])
     # The routed modes route every example on its own, from its raw text, as at inference: weights[i]
     # serves example i for the loss, the exact check and the generated answer alike.
     weights = mode_weights(sr, mode, [raw_prompt(ex) for ex in test[:used]])
@@ -137,6 +144,9 @@ def _block(sr: StackedRun, mode: str, domain: str, cfg: EvalConfig, routes: dict
     if checkable:
         entry["exact"] = exact_accuracy(sr, [test[i] for i in checkable], weights.take(checkable),
                                         cfg.repetition_penalty)
+    if choices:
+        entry["choice"] = choice_accuracy(sr.model, sr.tok, test, choices, weights.take([i for i, _ in choices]),
+                                          seq_len, sr.preset.stack.eval_batch_size)
     entry.update(_accuracy(sr, domain, test[: cfg.n_generate], mode, weights, cfg))
     return entry
 

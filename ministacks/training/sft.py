@@ -41,9 +41,11 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_latest, optimizer_from_tensors, save_checkpoint
+from ..runtime import process_group
 from ..stacks.layer import add_stack, aux_loss, freeze_active, stacked_layers
 from .examples import PackedExamples
 
@@ -196,6 +198,13 @@ def train_round(
 ) -> RoundResult:
     """Add a fresh active stack and train it with the best-stack guard; the best snapshot stays active.
 
+    Data-parallel when a torch.distributed process group of more than one process is initialised (torchrun:
+    scale/ddp.py): every process holds the model and builds the same fresh stack (the same seed), draws the
+    same global batch (a function of the seed and the step) and takes its share of the rows, and DDP averages
+    the active stack's gradients before AdamW, so every process takes the same step. Validation runs whole in
+    every process (the same stack, the same examples: the same loss, so the guard decides alike everywhere);
+    only the first process writes checkpoints.
+
     `val_loss()` evaluates the model as it is (usually `example_loss` on the domain's validation set);
     `after_step(model)` runs after every optimizer step (the null-space projection's strict mode).
     The stack's seed is `stack_seed(cfg.seed, frozen_stack_count(model))`.
@@ -237,6 +246,14 @@ def train_round(
     # §4) by construction, and its two moments per parameter cost one stack's memory and checkpoint space,
     # however many stacks the model holds.
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+    rank, size = process_group()
+    if cfg.batch_size % size:
+        raise ValueError(f"the batch of {cfg.batch_size} rows does not split over {size} processes")
+    rows = slice(rank * cfg.batch_size // size, (rank + 1) * cfg.batch_size // size)  # this process's share
+    # the base is loaded alike in every process: nothing to broadcast each step but the gradients; a router's
+    # top-k can leave an expert out of a step's graph, which DDP must be told it may
+    net = (DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=True)
+           if size > 1 else model)
     if ckpt is not None:
         # the loop's state at the last evaluation, loaded into the stack just added (its fresh init is
         # overwritten): the stack then, the best snapshot, AdamW's moments, the generator, the guard
@@ -253,7 +270,7 @@ def train_round(
         """All the loop needs to continue after `step` (the data order needs nothing: it is a function of
         (seed, step)). `done`: the round has ended, stopped by the guard or at its last step; resuming a
         done round runs no step and no evaluation, it restores the best snapshot and returns the result."""
-        if ckpt_dir is None:
+        if ckpt_dir is None or rank != 0:  # one writer: every process holds the same state
             return
         tensors = {**_flatten("active", _snapshot(model)), **_flatten("best", best_snap), "rng": torch.get_rng_state()}
         state = {"identity": identity, "result": result.to_dict(), "bad": bad, "seconds": seconds, "finished": done}
@@ -267,7 +284,7 @@ def train_round(
         for g in opt.param_groups:
             g["lr"] = cfg.lr * lr_factor(step, cfg)
         x, y = train.batch(step, cfg.batch_size, seed)  # the stack's own data order, a function of (seed, step)
-        task = stack_step(model, params, opt, x, y, cfg, after_step)
+        task = stack_step(net, params, opt, x[rows], y[rows], cfg, after_step)
         # Only the training step is timed, not evaluations or checkpoints: seconds_per_step then compares
         # runs with any eval_every, with or without checkpoints (Exp 1 compares MoE-LoRA and LoRA per step).
         seconds += time.perf_counter() - t0
