@@ -7,9 +7,10 @@ ministacks' own `train_round` (its seeding, schedule, guard and checkpoints), wh
 process group when there is one. Every process holds the whole frozen base (NF4 by default: QLoRA) and the
 same fresh stack (the stack's own seed); each step, every process draws the same global batch of windows (a
 pure function of the seed and the step: ministacks.lm.pretrain.window_starts), takes its share of the rows,
-and runs `stack_step` through DDP, which averages the active stack's gradients over the processes before AdamW. With an all-token loss every row has the same number of scored
-tokens, so the averaged gradient is the one-process gradient of the global batch, and the stacks agree with a
-one-process run up to the order of floating-point sums (tests/test_scale_ddp.py).
+and runs `stack_step` through DDP, which averages the active stack's gradients over the processes before
+AdamW. With an all-token loss every row has the same number of scored tokens, so the averaged gradient is
+the one-process gradient of the global batch, and the stacks agree with a one-process run up to the order
+of floating-point sums (tests/test_scale_ddp.py).
 
 What differs from one process for MoE-LoRA: its routing noise is drawn per process for that process's rows,
 and the load-balance loss is computed per process on its rows and averaged (a batch statistic of half the

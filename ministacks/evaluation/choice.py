@@ -122,24 +122,19 @@ def choice_accuracy(model: nn.Module, tok: Tokenizer, split: Sequence[Example], 
         return {"correct": 0, "correct_sum": 0, "n": 0, "options": DISTRACTORS + 1}
     C = len(sets[0][1])
     flat = [replace(split[i], response=r) for i, opts in sets for r in opts]
-    if weights.per_prompt is None:  # one setting: every candidate of every example in shared batches
-        data = ExampleSet(tok, flat, completion_only=True, max_len=max_len, batch_size=batch_size)
-        with stacks_on(model, weights.on):
-            losses = example_losses(model, data)
-        scored = data.scored
-    else:  # routed: each example's C candidates under its own weights; examples with equal weights (switched
-        # mode's 0/1 sets repeat) share batches
-        losses, scored = torch.empty(len(flat)), torch.empty(len(flat), dtype=torch.long)
-        groups: dict[tuple, list[int]] = {}
-        for n, w in enumerate(weights.per_prompt):
-            groups.setdefault(tuple(sorted(w.items())), []).append(n)
-        for members in groups.values():
-            rows = [n * C + c for n in members for c in range(C)]
-            data = ExampleSet(tok, [flat[r] for r in rows], completion_only=True, max_len=max_len,
-                              batch_size=batch_size)
-            with stacks_on(model, weights.of(members[0])):
-                losses[rows] = example_losses(model, data)
-            scored[rows] = data.scored
+    # examples that run under one setting share batches: all of them for one setting, else those with equal
+    # weights (switched mode's 0/1 sets repeat; routed mode's p rarely do)
+    groups: dict[tuple, list[int]] = {}
+    for n in range(len(sets)):
+        key = () if weights.per_prompt is None else tuple(sorted(weights.per_prompt[n].items()))
+        groups.setdefault(key, []).append(n)
+    losses, scored = torch.empty(len(flat)), torch.empty(len(flat), dtype=torch.long)
+    for members in groups.values():
+        rows = [n * C + c for n in members for c in range(C)]  # an example's C candidates in one setting
+        data = ExampleSet(tok, [flat[r] for r in rows], completion_only=True, max_len=max_len, batch_size=batch_size)
+        with stacks_on(model, weights.of(members[0])):
+            losses[rows] = example_losses(model, data)
+        scored[rows] = data.scored
     mean, total = option_scores(losses.view(-1, C), scored.view(-1, C).float())  # [N, C] each
     return {"correct": sum(chosen(m) for m in mean), "correct_sum": sum(chosen(s) for s in total),
             "n": len(sets), "options": C}
