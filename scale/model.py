@@ -37,7 +37,8 @@ import torch.nn as nn
 
 from ministacks.io import RunFileError, atomic_write_json, read_json
 from ministacks.lm.base import PRETRAINED_RECORD
-from ministacks.lm.model import ModelOutput, decode
+from ministacks.lm.decode import decode
+from ministacks.lm.model import ModelOutput
 
 from .bases import inject_stacks, language_model, load_base
 from .tokens import PretrainedTokenizer

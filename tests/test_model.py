@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ministacks.lm.decode import next_token
 from ministacks.lm.model import KVCache, ModelConfig, Transformer, apply_rope, rope_tables
 
 TINY = dict(vocab_size=97, n_layer=2, d_model=64, n_head=4, n_kv_head=2, max_seq_len=64)
@@ -240,12 +241,12 @@ def test_repetition_penalty_ctrl_rule():
     logits = torch.tensor([[1.0, 0.5, 3.0, 0.2, -1.0, 2.9]])
     seq = torch.tensor([[2, 4, 2]])
     # without penalty greedy picks 2 (3.0); with p=2, 3.0 -> 1.5 so token 5 (2.9, unseen) wins
-    assert Transformer._next_token(logits, seq, 0.0, None, 1.0, None).item() == 2
-    assert Transformer._next_token(logits, seq, 0.0, None, 2.0, None).item() == 5
+    assert next_token(logits, seq, 0.0, None, 1.0, None).item() == 2
+    assert next_token(logits, seq, 0.0, None, 2.0, None).item() == 5
     # and the penalised distribution is exactly the CTRL one: 3.0/2 and -1.0*2
     want = torch.tensor([[1.0, 0.5, 1.5, 0.2, -2.0, 2.9]])
     g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
-    draws_got = [Transformer._next_token(logits, seq, 1.0, None, 2.0, g1).item() for _ in range(200)]
+    draws_got = [next_token(logits, seq, 1.0, None, 2.0, g1).item() for _ in range(200)]
     draws_want = [torch.multinomial(F.softmax(want, -1), 1, generator=g2).item() for _ in range(200)]
     assert draws_got == draws_want
 
