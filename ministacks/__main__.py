@@ -57,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .runtime import keep_freed_memory
 
+    from .stacks.store import StackFileError
+
     keep_freed_memory()  # ~5% faster training steps; fine for a command-line process (see its docstring)
     try:
         return args.func(args)
@@ -65,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         print(STOPPED.get(args.command, "stopped; run the same command to resume"), file=sys.stderr)
         return 130  # 128 + SIGINT, the shell's convention
     except ValueError as e:  # errors a user can cause: say what and how to fix it
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except StackFileError as e:  # a damaged or foreign stack file, named, with what to do
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # a path that cannot be read or written (FileNotFoundError included)

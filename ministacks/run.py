@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from .inference.offload import StackCache
 from .inference.stacked import StackedRun
 from .io import RunFileError
 from .lm.base import has_base, is_pretrained, load_base
@@ -134,26 +135,31 @@ def _preset_of_older_run(paths: RunPaths, config: dict, given: Preset | None) ->
     return replace(given, quant=config.get("quant", given.quant))
 
 
-def load_run(path: str | Path, preset: Preset | str | None = None, router: bool = True) -> StackedRun:
+def load_run(path: str | Path, preset: Preset | str | None = None, router: bool = True, offload: bool = False,
+             budget_bytes: int | None = None, prefetch: bool = False) -> StackedRun:
     """The run at `path`, loaded once: base, stacks and (with `router`, if `route` has been run) the router.
 
-    Its preset is the run's own (`run_preset`), with `preset`'s router and evaluation settings if given."""
+    Its preset is the run's own (`run_preset`), with `preset`'s router and evaluation settings if given.
+    With `offload` the stacks stay on disk until an answer needs them, under `budget_bytes` with
+    least-recently-used eviction, optionally read ahead (`prefetch`): inference/offload.py's engine."""
     paths = locate_run(path)
     preset = run_preset(paths, preset)
     model, tok = prepared_base(preset, paths.out)
     # the base, its tokenizer and these stacks belong together (the run may sit outside RUN_MANIFESTS)
     check_run_tokenizer(paths.run, tok, paths.out / "tokenizer.json")
     manifest = read_manifest(paths.run)
-    load_all_stacks(paths.run, model, manifest, strict=True)  # a damaged stack: DamagedStacksError
+    cache = StackCache(paths.run, model, manifest, budget_bytes, prefetch) if offload else None
+    if cache is None:
+        load_all_stacks(paths.run, model, manifest, strict=True)  # a damaged stack: DamagedStacksError
     domains = tuple(d for d in manifest["domains"] if any(s["domain"] == d for s in manifest["stacks"]))
     return TrainedRun(paths, manifest, preset, model, tok, domains,
-                      load_router(paths.run, model) if router else None)
+                      load_router(paths.run, model) if router else None, cache)
 
 
 class TrainedRun(StackedRun):
     """A StackedRun loaded from its folder (`load_run`): also its paths, its manifest and its Preset."""
 
     def __init__(self, paths: RunPaths, manifest: dict, preset: Preset, model: nn.Module, tok: Tokenizer,
-                 domains: tuple[str, ...], router=None):
-        super().__init__(model, tok, domains, router, where=str(paths.run))
+                 domains: tuple[str, ...], router=None, cache: StackCache | None = None):
+        super().__init__(model, tok, domains, router, where=str(paths.run), cache=cache)
         self.paths, self.manifest, self.preset = paths, manifest, preset

@@ -24,7 +24,7 @@ Logits come back in fp32 whatever the compute dtype (bf16 on a GPU), so every lo
 OUT/base/pretrained.json names the base (a local folder or a hub id), the context length the run uses and
 the tokenizer's fingerprint; a base whose tokenizer is not the recorded one is refused. The base's own
 weights are guarded like a ministacks base's, by the fingerprint every stack and router records
-(ministacks.stacks.store.base_fingerprint, read from the loaded modules).
+(ministacks.stacks.fingerprint.base_fingerprint, read from the loaded modules).
 """
 
 from __future__ import annotations

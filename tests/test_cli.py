@@ -258,3 +258,27 @@ def test_caches_follow_the_stacks_content_not_their_names(demo_dir, tmp_path):
             p.add_(0.01)
     save_router(sr.paths.run, sr.router, sr.model)
     assert _key(load_run(run), sr.preset.eval) != key
+
+
+def test_generate_and_chat_load_stacks_from_disk_as_answers_need_them(demo_dir, capsys, monkeypatch):
+    assert main(["generate", "--run", str(demo_dir), "--prompt", "hi", "--weights", "math=1", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "[stacks from disk: 0 hits, 1 misses" in out  # math alone was read
+    assert main(["generate", "--run", str(demo_dir), "--prompt", "hi", "--all-stacks", "--stack-budget-mb", "1"]) == 2
+    assert "--all-stacks" in capsys.readouterr().err
+    lines = iter(["/force code=1", "def add(a, b):", "/force chat=1", "hello", "/force code=1", "again", "/stats", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    # a budget below one domain's stacks: every answer is refused with the reason, and the session goes on
+    assert main(["chat", "--run", str(demo_dir), "--max-new-tokens", "4", "--stack-budget-mb", "0.0001"]) == 0
+    assert "over the 0.0 MB budget" in capsys.readouterr().out
+    lines = iter(["/force code=1", "def add(a, b):", "/force chat=1", "hello", "/force code=1", "again", "/stats", "/quit"])
+    assert main(["chat", "--run", str(demo_dir), "--max-new-tokens", "4"]) == 0
+    assert "1 hits, 2 misses" in capsys.readouterr().out  # code, chat loaded; code again from memory
+
+
+def test_bench_engine_on_a_trained_run(demo_dir, capsys):
+    assert main(["bench", "engine", "--run", str(demo_dir), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["hits"] + r["misses"] >= r["n_prompts"] and r["misses"] >= 1 and r["router_ms"] > 0
+    assert r["base_tokens_per_s"] > 0 and r["routed_tokens_per_s"] > 0
+    assert main(["bench", "route", "--run", str(demo_dir)]) == 2

@@ -37,7 +37,9 @@ def _stacks(run):
 def test_a_damaged_stack_is_one_message_naming_it_and_the_repair(run, capsys):
     damaged = run / "stacks" / "code_r01.safetensors"
     flip_middle_byte(damaged)
-    for argv in (["generate", "--run", str(run), "--prompt", "hi", "--max-new-tokens", "2"],
+    # generate reads a stack when its answer needs it (the engine): ungated needs every one
+    for argv in (["generate", "--run", str(run), "--prompt", "hi", "--max-new-tokens", "2", "--mode", "ungated"],
+                 ["generate", "--run", str(run), "--prompt", "hi", "--max-new-tokens", "2", "--all-stacks"],
                  ["eval", "--run", str(run), "--no-progress"],
                  ["route", "--run", str(run), "--no-progress"],
                  [*TRAIN, "--out", str(run)]):

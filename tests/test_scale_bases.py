@@ -11,7 +11,7 @@ from transformers import Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGe
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ministacks.stacks.layer import AdapterConfig, StackedLinear, active_parameters, add_stack, freeze_active, make_adapter
-from ministacks.stacks.store import base_fingerprint
+from ministacks.stacks.fingerprint import base_fingerprint
 from scale.bases import inject_stacks, load_base
 
 N_LAYERS = 2

@@ -13,7 +13,7 @@ def test_an_nf4_base_on_the_gpu_computes_in_bf16_and_trains_fp32_stacks(tmp_path
     from ministacks.data import load_split
     from ministacks.presets import SMOKE
     from ministacks.stacks.layer import AdapterConfig, add_stack, freeze_active, make_adapter
-    from ministacks.stacks.store import base_fingerprint
+    from ministacks.stacks.fingerprint import base_fingerprint
     from ministacks.training.examples import ExampleSet, PackedExamples, example_loss
     from ministacks.training.sft import StackTrainConfig, train_round
     from scale.model import open_pretrained, write_pretrained

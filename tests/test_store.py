@@ -10,7 +10,8 @@ import torch
 import ministacks.stacks.store as store
 from ministacks.lm.model import ModelConfig, Transformer
 from ministacks.stacks.layer import (AdapterConfig, add_stack, freeze_active, inject_stacks, make_adapter, stacked_layers)
-from ministacks.stacks.store import ForeignBaseError, StackFileError, base_fingerprint, load_all_stacks, load_stack, record_checksum, save_stack, stack_paths
+from ministacks.stacks.fingerprint import base_fingerprint
+from ministacks.stacks.store import ForeignBaseError, StackFileError, load_all_stacks, load_stack, record_checksum, save_stack, stack_paths
 from ministacks.stacks.manifest import new_manifest, read_manifest, write_manifest
 
 from damage import flip_middle_byte, truncate

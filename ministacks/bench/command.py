@@ -1,4 +1,4 @@
-"""The `bench` command: `python -m ministacks bench {pretrain,moe,nf4,nullspace,route,scale} [--json]`.
+"""The `bench` command: `python -m ministacks bench {pretrain,moe,nf4,nullspace,route,scale,engine} [--json]`.
 
 Each benchmark runs for about a minute and prints its report, or with --json one line of JSON (the dict
 its bench_* function returns, which scripts parse). The benchmarks are imported only when one runs, so
@@ -21,15 +21,18 @@ WHAT = {
     "nullspace": "the projection's step-time overhead and randomized vs full SVD",
     "route": "base vs ungated (fused and stack by stack) vs routed inference",
     "scale": "a training step of our MoE-LoRA and LoRA vs peft's LoRA on NF4 SmolLM2",
+    "engine": "the disk-offloaded engine over a stream of prompts: loads, hit rate, router, tokens/s",
 }
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=list(WHAT), help="; ".join(f"{k}: {v}" for k, v in WHAT.items()))
     parser.add_argument("--json", action="store_true", help="one machine-readable JSON line")
+    parser.add_argument("--run", default=None, help="engine only: a trained run to stream its test prompts through "
+                                                    "(default: a synthetic run built for the benchmark)")
 
 
-def run(what: str) -> tuple[dict, Callable[[dict], str]]:
+def run(what: str, trained_run: str | None = None) -> tuple[dict, Callable[[dict], str]]:
     """(the benchmark's result, the function that formats it as text)."""
     if what == "pretrain":
         from .pretrain import bench_pretrain, format_bench_pretrain
@@ -55,10 +58,16 @@ def run(what: str) -> tuple[dict, Callable[[dict], str]]:
         from .scale import bench_scale, format_bench_scale
 
         return bench_scale(), format_bench_scale
+    if what == "engine":
+        from .engine import bench_engine, format_bench_engine
+
+        return bench_engine(trained_run), format_bench_engine
     raise ValueError(f"unknown benchmark {what!r}: choose one of {', '.join(WHAT)}")
 
 
 def main(args: argparse.Namespace) -> int:
-    result, text = run(args.what)
+    if args.run is not None and args.what != "engine":
+        raise ValueError(f"--run is for `bench engine`; `bench {args.what}` builds its own models")
+    result, text = run(args.what, args.run)
     print(json.dumps(result) if args.json else text(result))
     return 0

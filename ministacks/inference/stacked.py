@@ -14,11 +14,14 @@ and any hand-given weights ({"chat": 1, "math": 0.5}), which `chat`'s /force com
 
 A StackedRun is built from its parts (a model with its stacks loaded, the tokenizer, the router); the
 run folder's loader, run.py's `load_run("runs/demo")`, builds one from what `train` and `route` wrote.
+Given a `cache` (inference/offload.py's StackCache) the model starts with no stack, and every answer
+first makes its mode's domains resident: the disk-offloaded engine.
 """
 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn as nn
@@ -27,6 +30,7 @@ from ..data import render_alpaca
 from ..lm.tokenizer import Tokenizer
 from ..routing.router import MetaRouter, prompt_features, routing_weights
 from ..stacks.layer import SKIP_THRESHOLD, StacksOn, stacks_on
+from .offload import StackCache, live_domains
 
 MODES = ("base", "ungated", "routed", "switched")
 ROUTED_MODES = ("routed", "switched")  # the modes whose stacks depend on the prompt
@@ -35,11 +39,13 @@ ROUTED_MODES = ("routed", "switched")  # the modes whose stacks depend on the pr
 class StackedRun:
     """A model with its frozen stacks and (optionally) its router, ready to route and generate.
 
-    `where` names the run in messages (its folder)."""
+    `where` names the run in messages (its folder); `cache`, when given, loads the stacks a mode needs
+    (`stacks_for`) instead of the model holding them all."""
 
     def __init__(self, model: nn.Module, tok: Tokenizer, domains: tuple[str, ...], router: MetaRouter | None = None,
-                 where: str = "this run"):
+                 where: str = "this run", cache: StackCache | None = None):
         self.model, self.tok, self.domains, self.router, self.where = model, tok, tuple(domains), router, where
+        self.cache = cache
 
     # -- routing -------------------------------------------------------------------------------------
     def probabilities(self, texts: list[str]) -> list[dict[str, float]]:
@@ -53,14 +59,26 @@ class StackedRun:
 
     def route(self, text: str) -> dict:
         """{"probs": p per domain, "weights": the inference rule's weights} for one raw prompt."""
+        start = time.perf_counter()
         probs = self.probabilities([text])[0]
-        return {"probs": probs, "weights": routing_weights(probs, self.router.cfg)}
+        weights = routing_weights(probs, self.router.cfg)
+        if self.cache is not None:
+            self.cache.stats.route_seconds.append(time.perf_counter() - start)
+        return {"probs": probs, "weights": weights}
 
     def stacks_for(self, mode: str | dict[str, float] | StacksOn, text: str | None = None) -> StacksOn:
         """Which stacks a mode switches on: "base", "ungated", "routed" or "switched" (which route `text`), or given
         weights (checked against the run's domains). Nothing about the model changes here: run it with
         `with stacks_on(model, stacks_for(...))`. A StacksOn is returned as it is (weights decided elsewhere,
-        as the evaluation decides a whole list of prompts' routes at once)."""
+        as the evaluation decides a whole list of prompts' routes at once).
+
+        With a cache, the stacks the answer runs are made resident here (StackCache.need)."""
+        on = self._stacks_for(mode, text)
+        if self.cache is not None:
+            self.cache.need(live_domains(on, self.domains))
+        return on
+
+    def _stacks_for(self, mode: str | dict[str, float] | StacksOn, text: str | None) -> StacksOn:
         if isinstance(mode, StacksOn):
             return mode
         if isinstance(mode, dict):

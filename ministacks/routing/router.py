@@ -62,7 +62,7 @@ from ..io import RunFileError, atomic_write_bytes, atomic_write_json, read_check
 from ..lm.tokenizer import Tokenizer
 from ..runtime import training_state
 from ..stacks.layer import SKIP_THRESHOLD, StacksOn, stacks_on
-from ..stacks.store import base_fingerprint
+from ..stacks.fingerprint import base_fingerprint
 
 
 @dataclass(frozen=True)

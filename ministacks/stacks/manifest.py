@@ -20,7 +20,8 @@ from typing import Any
 import torch.nn as nn
 
 from ..io import atomic_write_json, read_json
-from .store import base_fingerprint, stack_name, stack_paths
+from .fingerprint import base_fingerprint
+from .store import stack_name, stack_paths
 
 MANIFEST_VERSION = 1
 MANIFEST = "manifest.json"

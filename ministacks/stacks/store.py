@@ -1,10 +1,11 @@
 """Stacks on disk and the run manifest: a frozen stack is written once and reloaded exactly (docs/brainstacks.md §4, §7).
 
 This file implements
-  - `base_fingerprint`           : a sha256 over the base model's own tensors (never the stacks)
   - `save_stack` / `load_stack`  : one frozen stack <-> one safetensors file plus one JSON record
   - `load_all_stacks`            : every stack a manifest lists, in its order; a bad file is reported
                                    by name and skipped, the others stay usable
+  - `read_stack` / `install_stack` : the two halves of a load: read and check the files (no model
+                                   touched), then freeze the stack into the model
   - `StackFileError`, `ForeignBaseError` : what can be wrong with a stack file, said in words
 
 Layout of a run folder (the base and tokenizer come from `pretrain`, see `lm.base.load_base`):
@@ -46,13 +47,6 @@ tensors are. An edited lora_alpha loads tensors that fit perfectly and computes 
 error naming the JSON file. Records written before it existed (stack format version 1) still load,
 with a warning that their settings are unchecked; retrain (or re-save) the stack to get a checked one.
 
-Why the base fingerprint: a stack is a correction *to one particular base*. On any other base (other
-seed, other pretraining run, 4-bit instead of fp32) its deltas are meaningless, so loading is refused
-with both fingerprints in the message. The fingerprint hashes name, dtype, shape and bytes of every
-base parameter and persistent buffer, so it is exact; the stacks are left out, and so is the
-`.base_layer` that `inject_stacks` inserts into names, so a model has the same fingerprint before
-and after injection and whatever stacks it holds.
-
 Loaded stacks are rebuilt with `make_adapter(kind, cfg)` and frozen by `stacks.freeze_active`, the
 same call that freezes a stack in memory: requires_grad False, eval mode, same order. A model rebuilt
 from disk gives bitwise the logits of the model that trained the stacks (tests/test_store.py).
@@ -67,13 +61,14 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from safetensors.torch import save as safetensors_to_bytes
 import torch
 import torch.nn as nn
 
 from ..io import atomic_write_bytes, atomic_write_json, read_checked_tensors, read_json, record_checksum
+from .fingerprint import base_fingerprint
 from .layer import AdapterConfig, StackedLinear, freeze_active, make_adapter
 
 STACK_FORMAT = "ministacks-stack"  # written into every stack JSON and safetensors header
@@ -114,7 +109,7 @@ def stack_paths(run: str | Path, domain: str, round: int) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def _layers(model: nn.Module) -> list[tuple[str, StackedLinear]]:
+def named_stacked_layers(model: nn.Module) -> list[tuple[str, StackedLinear]]:
     """(module path, layer) of every StackedLinear, in module order (the order of the tensor keys)."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, StackedLinear)]
     if not layers:
@@ -122,70 +117,15 @@ def _layers(model: nn.Module) -> list[tuple[str, StackedLinear]]:
     return layers
 
 
-# -- the base fingerprint --------------------------------------------------------------------------
-
-
-def base_fingerprint(model: nn.Module) -> str:
-    """sha256 (hex) over name, dtype, shape and raw bytes of each base parameter and persistent buffer.
-
-    Sorted by name, so it does not depend on module order. Inside a StackedLinear only its
-    `base_layer` counts: its `.stacks`, `.active` and anything else attached to it (a null-space basis,
-    say) are not the base. Left out as well: non-persistent buffers (derived from the config: RoPE
-    tables, the 4-bit layer's dequantization cache). `.base_layer` is dropped from names, so wrapping a
-    model with `inject_stacks` does not change its fingerprint. A tied matrix (one tensor under two
-    names) is hashed once, under the first of its names."""
-    stacked = [name for name, m in model.named_modules() if isinstance(m, StackedLinear)]
-    rename = {f"{p}.base_layer." if p else "base_layer.": f"{p}." if p else "" for p in stacked}
-    skip = tuple(f"{p}." if p else "" for p in stacked)  # after the renames: the rest of each stacked layer
-    h = hashlib.sha256()
-    seen: set[int] = set()
-    for name, t in sorted(_base_tensors(model, skip, rename)):
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        data = t.detach().cpu().contiguous()
-        h.update(f"{name}|{data.dtype}|{tuple(data.shape)}\n".encode())
-        # raw bytes through a uint8 view: works for every dtype, bfloat16 and the 4-bit codes included
-        h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _module_tensors(model: nn.Module):
-    """(name, tensor) of every parameter and persistent buffer, as state_dict names them, read from the
-    modules themselves. Not through state_dict(): a bitsandbytes 4-bit layer converts its weight's layout to
-    save it (bitsandbytes 0.50 on the CPU: scale/bases.py's keep_differentiable), so asking for a fingerprint
-    would change what it fingerprints. A 4-bit weight counts by its packed codes, with its quantization's
-    kind, block size and shape in its name line."""
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        dot = f"{prefix}." if prefix else ""
-        for name, p in module._parameters.items():
-            if p is not None:
-                state = getattr(p, "quant_state", None)
-                tag = f"[{state.quant_type},{state.blocksize},{tuple(state.shape)}]" if state is not None else ""
-                yield dot + name + tag, p
-        for name, b in module._buffers.items():
-            if b is not None and name not in module._non_persistent_buffers_set:
-                yield dot + name, b
-
-
-def _base_tensors(model, skip, rename):
-    for name, t in _module_tensors(model):
-        base = next((old for old in rename if name.startswith(old)), None)
-        if base is not None:
-            yield rename[base] + name[len(base):], t
-        elif not name.startswith(skip):
-            yield name, t
-
-
 # -- one stack -------------------------------------------------------------------------------------
 
 
-def _reference_adapters(model, kind: str, cfg: AdapterConfig) -> list[tuple[str, StackedLinear, nn.Module]]:
+def reference_adapters(model, kind: str, cfg: AdapterConfig) -> list[tuple[str, StackedLinear, nn.Module]]:
     """What `make_adapter(kind, cfg)` builds for each layer, on the meta device: shapes and settings,
     no memory and no initialisation cost. Used to check a stack against its JSON description."""
     factory = make_adapter(kind, cfg)
     with torch.device("meta"):
-        return [(path, layer, factory(layer.in_features, layer.out_features)) for path, layer in _layers(model)]
+        return [(path, layer, factory(layer.in_features, layer.out_features)) for path, layer in named_stacked_layers(model)]
 
 
 def save_stack(run: str | Path, model: nn.Module, domain: str, round: int, kind: str,
@@ -208,7 +148,7 @@ def save_stack(run: str | Path, model: nn.Module, domain: str, round: int, kind:
     tensors: dict[str, torch.Tensor] = {}
     adapters = []
     keep_train = set()
-    for path, layer, ref in _reference_adapters(model, kind, adapter_cfg):
+    for path, layer, ref in reference_adapters(model, kind, adapter_cfg):
         if domain not in layer.stacks:
             raise ValueError(f"layer {path} has no frozen stack of domain {domain!r}: "
                              f"freeze one with stacks.layer.freeze_active(model, {domain!r}) before saving")
@@ -285,6 +225,12 @@ def _read_record(json_path: Path, domain: str, round: int) -> dict[str, Any]:
     return record
 
 
+def read_record(run: str | Path, domain: str, round: int) -> dict[str, Any]:
+    """The checked JSON record of stack `{domain}_r{round:02d}` (no tensor is read): StackFileError if it
+    is missing, damaged, edited or describes another stack."""
+    return _read_record(stack_paths(run, domain, round)[1], domain, round)
+
+
 def _read_tensors(tensor_path: Path, record: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The file's bytes, checked against the size and sha256 in the JSON, then parsed."""
     if not tensor_path.is_file():
@@ -301,7 +247,22 @@ def load_stack(run: str | Path, model: nn.Module, domain: str, round: int) -> di
     return _load_stack(Path(run), model, domain, round, base_fingerprint(model))
 
 
-def _load_stack(run: Path, model: nn.Module, domain: str, round: int, model_fp: str) -> dict[str, Any]:
+class StackFile(NamedTuple):
+    """One stack as read from disk, checked, and not yet in any model (`read_stack`)."""
+
+    run: Path
+    domain: str
+    round: int
+    record: dict[str, Any]  # its JSON record, checked against its record_sha256
+    tensors: dict[str, torch.Tensor]  # its tensors, checked against the record's sha256 and size
+
+
+def read_stack(run: str | Path, domain: str, round: int, model_fp: str) -> StackFile:
+    """Read stack `{domain}_r{round:02d}` from RUN/stacks and check it: its record, its tensor file's size
+    and sha256, and that it was trained on the base whose fingerprint is `model_fp`. Touches no model, so
+    it may run on another thread while the model answers (inference/offload.py's prefetch); `install_stack`
+    then puts it into the model. Raises StackFileError (or ForeignBaseError)."""
+    run = Path(run)
     name = stack_name(domain, round)
     tensor_path, json_path = stack_paths(run, domain, round)
     record = _read_record(json_path, domain, round)
@@ -310,9 +271,22 @@ def _load_stack(run: Path, model: nn.Module, domain: str, round: int, model_fp: 
         raise ForeignBaseError(tensor_path, f"stack {name} was trained on base {record['base_fingerprint']}, "
                                             f"this model's base is {model_fp}; stacks only work on the base they "
                                             "were trained on: load the run's own base (lm.base.load_base)")
+    return StackFile(run, domain, round, record, tensors)
+
+
+def _load_stack(run: Path, model: nn.Module, domain: str, round: int, model_fp: str) -> dict[str, Any]:
+    return install_stack(model, read_stack(run, domain, round, model_fp))
+
+
+def install_stack(model: nn.Module, stack: StackFile) -> dict[str, Any]:
+    """Freeze a stack `read_stack` read into every layer's `stacks[domain]` (appended) and return its
+    record; StackFileError, before the model is touched, if it does not fit this model."""
+    run, domain, round, record, tensors = stack
+    name = stack_name(domain, round)
+    tensor_path, json_path = stack_paths(run, domain, round)
     try:
         cfg = AdapterConfig(**record["adapter_config"])
-        refs = _reference_adapters(model, record["kind"], cfg)
+        refs = reference_adapters(model, record["kind"], cfg)
     except (TypeError, ValueError) as e:
         raise StackFileError(json_path, f"cannot rebuild the adapters it describes: {e}") from None
 
@@ -372,6 +346,29 @@ def repair_command(run: str | Path, domain: str, round: int) -> str:
     return f"python -m ministacks repair --run {run} --from {domain}:{round}"
 
 
+def damaged_stacks(run: Path, problems: list[str], first: tuple[str, int]) -> DamagedStacksError:
+    """The one message for a run with damaged stacks: each problem, and the repair from the first."""
+    return DamagedStacksError(
+        f"{run}: {len(problems)} stack file(s) cannot be loaded, so the run is refused (every later stack was "
+        "trained on top of them):\n" + "\n".join(f"  {p}" for p in problems) + "\nRepair: " + repair_command(run, *first)
+        + " deletes that stack and every stack trained after it; then run the command that trained the run "
+        "again (train or demo, same --out): it retrains from there")
+
+
+def check_stack_size(run: str | Path, domain: str, round: int) -> dict[str, Any]:
+    """The checked record of a stack, and its tensor file there at the size the record says (a missing or
+    truncated file): what can be checked without reading the tensors. StackFileError otherwise."""
+    record = read_record(run, domain, round)
+    tensor_path = stack_paths(run, domain, round)[0]
+    if not tensor_path.is_file():
+        raise StackFileError(tensor_path, "missing: the stack record exists but its tensor file does not")
+    size = tensor_path.stat().st_size
+    if "n_bytes" in record and size != record["n_bytes"]:
+        raise StackFileError(tensor_path, f"{'truncated' if size < record['n_bytes'] else 'corrupted'}: {size} bytes, "
+                                          f"{record['n_bytes']} were written; retrain this stack or restore the file")
+    return record
+
+
 def load_all_stacks(run: str | Path, model: nn.Module, manifest: dict[str, Any], strict: bool = False) -> list[str]:
     """Load every stack in `manifest["stacks"]` (entries {"domain", "round", ...}) in manifest order.
 
@@ -397,12 +394,8 @@ def load_all_stacks(run: str | Path, model: nn.Module, manifest: dict[str, Any],
             if not strict:
                 warnings.warn(f"stack {name} not loaded: {e}", stacklevel=2)
             failed.append(name)
-            problems.append(f"  {e}")
+            problems.append(str(e))
             first = first or (domain, round)
     if strict and failed:
-        raise DamagedStacksError(
-            f"{run}: {len(failed)} stack file(s) cannot be loaded, so the run is refused (every later stack was "
-            "trained on top of them):\n" + "\n".join(problems) + "\nRepair: " + repair_command(run, *first)
-            + " deletes that stack and every stack trained after it; then run the command that trained the run "
-            "again (train or demo, same --out): it retrains from there")
+        raise damaged_stacks(run, problems, first)
     return failed

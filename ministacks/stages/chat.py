@@ -8,8 +8,8 @@ the mode. A mistyped command or weight prints the error and the session goes on.
 from __future__ import annotations
 
 from ..inference.stacked import MODES, describe_weights, parse_weights
-from ..run import load_run
-from .common import add_run_args
+from ..stacks.store import StackFileError
+from .common import add_engine_args, add_run_args, load_for_answers
 from .generate import add_max_new_tokens, answer
 
 HELP = "interactive: routed answers, /route, /compare, /force weights"
@@ -20,16 +20,18 @@ CHAT_HELP = """commands:
   /force W        answer with fixed weights from now on, e.g. /force chat=1,math=0.5 (/force off: route again)
   /mode M         answer in mode M from now on: routed (default), switched (routed domains at weight 1),
                   base or ungated
+  /stats          what the engine has done: domains loaded from disk, cache hits and misses, router time
   /help, /quit"""
 
 
 def add_args(p) -> None:
     add_run_args(p)
     add_max_new_tokens(p)
+    add_engine_args(p)
 
 
 def main(args) -> int:
-    sr = load_run(args.run, args.preset)
+    sr = load_for_answers(args)
     # before `route` has run there is no router: the session answers with every stack on instead
     mode: str | dict = "routed" if sr.router is not None else "ungated"
     print(f"run {sr.paths.run}: stacks for {', '.join(sr.domains)}; "
@@ -69,9 +71,12 @@ def main(args) -> int:
                     raise ValueError(f"unknown mode {rest.strip()!r}: use one of {', '.join(MODES)}")
                 mode = rest.strip()
                 print(f"now answering in mode {mode}")
+            elif cmd == "/stats":
+                print(sr.cache.stats.summary() + f"; in memory: {', '.join(sr.cache.resident) or 'no stack'}"
+                      if sr.cache is not None else "every stack is in memory (--all-stacks)")
             elif cmd.startswith("/"):
                 print(f"unknown command {cmd}; /help lists them")
             else:
                 answer(sr, line, mode, args.max_new_tokens)
-        except (ValueError, FileNotFoundError) as e:  # a mistyped line must not end the session
+        except (ValueError, FileNotFoundError, StackFileError) as e:  # a mistyped line must not end the session
             print(f"error: {e}")

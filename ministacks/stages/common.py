@@ -58,6 +58,36 @@ def positive_int(text: str) -> int:
     return n
 
 
+def positive_mb(text: str) -> float:
+    """argparse type for a memory budget in MB: a finite number above 0 (--stack-budget-mb)."""
+    try:
+        mb = float(text)
+    except ValueError:
+        mb = 0.0
+    if not (0 < mb < float("inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MB above 0")
+    return mb
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    """How `generate` and `chat` hold the stacks (inference/offload.py, the disk-offloaded engine)."""
+    p.add_argument("--stack-budget-mb", type=positive_mb, default=None,
+                   help="memory for the stacks: each answer's domains are loaded from disk, and past this budget "
+                        "the least recently used domain is dropped (default: no limit, a domain stays once loaded)")
+    p.add_argument("--all-stacks", action="store_true",
+                   help="load every stack before the first answer instead of as answers need them")
+
+
+def load_for_answers(args, router: bool = True):
+    """The run of `generate` / `chat`: stacks from disk on demand (the engine) unless --all-stacks."""
+    from ..run import load_run
+
+    budget = None if args.stack_budget_mb is None else int(args.stack_budget_mb * 2**20)
+    if args.all_stacks and budget is not None:
+        raise ValueError("--all-stacks loads every stack, so --stack-budget-mb has nothing to limit: give one of the two")
+    return load_run(args.run, args.preset, router=router, offload=not args.all_stacks, budget_bytes=budget)
+
+
 def writable_folder(path: str | Path, flag: str = "--out") -> Path:
     """`path` as a folder this process can write (created if missing), checked before any work, so a bad
     --out is one message naming it, not an OSError an hour later about a hidden temporary file."""
