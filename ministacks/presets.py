@@ -33,6 +33,17 @@ from .training.sft import BoostConfig, StackTrainConfig
 
 
 @dataclass(frozen=True)
+class HarnessConfig:
+    """`eval --harness` and the demo's harness stage (stages/harness_eval.py): lm-evaluation-harness on
+    local tasks made from the test splits, in base / ungated / routed mode."""
+
+    n_choice: int = 100  # examples per domain in its multiple-choice task (reference among 3 of its kind)
+    n_gsm: int = 20  # GSM-Symbolic word problems of the math test split (generated, the number after ####)
+    n_humaneval: int = 0  # HumanEval problems (generated, tests in the sandbox); 0: none (eval scores them)
+    table4: bool = False  # also the paper's eight benchmarks, from the Hugging Face hub (limit 200 each)
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     n_loss: int = 200  # test examples per domain for the loss (the whole test split by default)
     n_generate: int = 20  # test examples per domain whose generated answers are scored
@@ -53,6 +64,7 @@ class EvalConfig:
     # HumanEval's pass@1 is plain greedy (Chen et al. 2021). A repetition penalty would also penalise
     # every indent and every repeated variable name of the prompt, which code cannot do without.
     humaneval_repetition_penalty: float = 1.0
+    harness: HarnessConfig = HarnessConfig()  # the benchmarks through lm-evaluation-harness
 
 
 @dataclass(frozen=True)
@@ -97,7 +109,7 @@ SMOKE = Preset(
     # HumanEval: the first 24 problems; at vocabulary 512 nearly every prompt overflows the 256-token context,
     # and HumanEval/23 is the first that fits (measured), so the CLI tests ask one problem per mode
     eval=EvalConfig(n_loss=20, n_generate=2, n_exact=10, n_choice=10, n_general=4, max_new_tokens=16, n_panel_mixed=2,
-                    humaneval=24),
+                    humaneval=24, harness=HarnessConfig(n_choice=10, n_gsm=2)),
 )
 
 QUICK_MODEL = ModelConfig(n_layer=4, d_model=256, n_head=4, n_kv_head=2, max_seq_len=256, vocab_size=4096)

@@ -56,7 +56,7 @@ def test_boost_json_records_rounds_and_the_stop_rule(demo_dir):
 def test_demo_again_reuses_everything(demo_dir, capsys):
     before = (demo_dir / "compare.json").read_text()
     ledger = json.loads((demo_dir / "stage_times.json").read_text())
-    assert len(ledger["seconds"]) == 6 and all(s > 0 for s in ledger["seconds"].values())
+    assert len(ledger["seconds"]) == 7 and all(s > 0 for s in ledger["seconds"].values())
     assert main(["demo", "--preset", "smoke", "--out", str(demo_dir), "--no-progress"]) == 0
     assert (demo_dir / "compare.json").read_text() == before
     # the stage times add this invocation's (reading what is done) to the first's, and the report shows both
@@ -282,3 +282,33 @@ def test_bench_engine_on_a_trained_run(demo_dir, capsys):
     assert r["hits"] + r["misses"] >= r["n_prompts"] and r["misses"] >= 1 and r["router_ms"] > 0
     assert r["base_tokens_per_s"] > 0 and r["routed_tokens_per_s"] > 0
     assert main(["bench", "route", "--run", str(demo_dir)]) == 2
+
+
+def test_the_demo_runs_the_harness_and_its_choice_is_evals_choice(demo_dir):
+    """acc_mean through lm-evaluation-harness (our wrapper, the harness's requests and bookkeeping) against
+    eval's own choice accuracy (evaluation/choice.py) on the same choice sets: the same share in every mode."""
+    e = json.loads((demo_dir / "nullspace" / "eval.json").read_text())
+    h = json.loads((demo_dir / "nullspace" / "harness.json").read_text())
+    compared = 0
+    for mode in h["modes"]:
+        for d in e["domains"]:
+            ours = e["results"][f"{mode}/{d}"].get("choice")
+            theirs = h["results"].get(f"ministacks_choice_{d}", {}).get(mode, {}).get("acc_mean")
+            assert (ours is None) == (theirs is None), (mode, d)
+            if ours is not None:
+                assert theirs["n"] == ours["n"] and theirs["value"] == pytest.approx(ours["correct"] / ours["n"])
+                compared += 1
+    assert compared >= 6
+    report = (demo_dir / "report.md").read_text()
+    assert "## Benchmarks through lm-evaluation-harness" in report and "](nullspace/harness.png)" in report
+    assert (demo_dir / "nullspace" / "harness.png").stat().st_size > 10_000
+    assert main(["eval", "--run", str(demo_dir), "--no-progress", "--table4"]) == 2
+
+
+def test_eval_harness_reuses_the_demos_result(demo_dir, capsys):
+    path = demo_dir / "nullspace" / "harness.json"
+    before = path.stat().st_mtime_ns
+    assert main(["eval", "--run", str(demo_dir), "--no-progress", "--harness"]) == 0
+    out = capsys.readouterr().out
+    assert "| ministacks_choice_math | acc_mean |" in out and f"wrote {path}" in out
+    assert path.stat().st_mtime_ns == before  # the same settings: not run again

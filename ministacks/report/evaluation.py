@@ -199,3 +199,59 @@ def eval_section(e: dict, figure: str) -> str:
         for mode, a in s["answers"].items():
             lines += [f"*{mode}* ({a['weights']}):", "", fence(a["completion"] or "(empty)"), ""]
     return "\n".join(lines)
+
+
+# -- the harness (stages/harness_eval.py, RUN/harness.json) -------------------------------------------
+
+HEADLINE = ("acc_mean", "exact_match", "pass_at_1", "acc")  # a task's headline metric, first present
+
+
+def headline_metric(cell: dict) -> str | None:
+    """The metric a task is read by: the paper's mean-log-prob choice, else its generation score."""
+    return next((m for m in HEADLINE if m in cell), None)
+
+
+def harness_finding(h: dict) -> str:
+    """How many tasks routed scores above / below base beyond both 95% intervals, counted from harness.json."""
+    above, below, level = [], [], []
+    for task in h["tasks"]:
+        per_mode = h["results"].get(task, {})
+        metric = headline_metric(per_mode.get("base", {}))
+        if metric is None or metric not in per_mode.get("routed", {}):
+            continue
+        b, r = per_mode["base"][metric], per_mode["routed"][metric]
+        name = task.replace("ministacks_", "")
+        if r["interval"][0] > b["interval"][1]:
+            above.append(name)
+        elif r["interval"][1] < b["interval"][0]:
+            below.append(name)
+        else:
+            level.append(name)
+    n = len(above) + len(below) + len(level)
+    if not n:
+        return "No task was scored in both base and routed mode."
+    parts = [f"routed is above base beyond both 95% intervals on {len(above)} of {n} tasks"
+             + (f" ({', '.join(above)})" if above else ""),
+             f"below on {len(below)}" + (f" ({', '.join(below)})" if below else ""),
+             f"within the intervals on {len(level)}"]
+    return "By each task's headline metric, " + "; ".join(parts) + "."
+
+
+def harness_section(h: dict, figure: str) -> str:
+    """report.md's harness section from RUN/harness.json: the table per task × mode, a counted finding,
+    the figure; the paper's Table 4 beside ours where it ran, or why it did not."""
+    from ..evaluation.harness_tasks import harness_lines, table4_lines
+    from .paper import PAPER_TABLE4
+
+    lines = ["## Benchmarks through lm-evaluation-harness", "",
+             "Local tasks from the test splits, run by lm-evaluation-harness with our model wrapper "
+             "(`evaluation/harness.py`): a four-way choice per domain (acc and acc_norm are the harness's "
+             "sum and per-character rules, acc_mean the paper's mean log-prob per token), GSM-Symbolic word "
+             "problems (the number after ####). Each request is routed on its own prompt. Value [95% interval].",
+             "", *harness_lines(h["results"]), "", harness_finding(h), "", f"![harness]({figure})", ""]
+    if "table4" in h:
+        lines += ["The paper's Table 4 (limit 200; the paper's numbers are Gemma 3 12B IT's):", "",
+                  *table4_lines(h["table4"], PAPER_TABLE4), ""]
+    elif "table4_unavailable" in h:
+        lines += [f"The paper's Table 4 did not run: {h['table4_unavailable']}", ""]
+    return "\n".join(lines)

@@ -328,3 +328,37 @@ def plot_eval(result: dict, path: str | Path) -> Path:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
+
+
+def plot_harness(result: dict, path: str | Path) -> Path:
+    """One group of bars per harness task, one bar per mode, each the task's headline metric (harness.json,
+    stages/harness_eval.py) with its 95% interval: the paper's mean-log-prob choice (acc_mean) for a
+    multiple-choice task, exact_match / pass_at_1 for a generation task. The dashed line is chance for the
+    four-way choice tasks. Read: whether the routed bars stand above base's beyond their intervals."""
+    import numpy as np
+
+    from .evaluation import headline_metric
+
+    path = Path(path)
+    tasks, modes = result["tasks"], result["modes"]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(tasks) + 2), 4.2), dpi=110)
+    width = 0.8 / len(modes)
+    x = np.arange(len(tasks))
+    for i, mode in enumerate(modes):
+        vals, errs = [], [[], []]
+        for task in tasks:
+            cell = result["results"].get(task, {}).get(mode, {})
+            metric = headline_metric(cell)
+            v = cell[metric]["value"] if metric and cell[metric]["value"] is not None else np.nan
+            low, high = cell[metric]["interval"] if metric else (v, v)
+            vals.append(v)
+            errs[0].append(0.0 if np.isnan(v) else max(0.0, v - low))
+            errs[1].append(0.0 if np.isnan(v) else max(0.0, high - v))
+        ax.bar(x + (i - (len(modes) - 1) / 2) * width, vals, width, label=mode, yerr=errs, capsize=2)
+    ax.set_xticks(x, [t.replace("ministacks_", "") for t in tasks], rotation=20)
+    ax.axhline(0.25, color="grey", lw=0.8, ls="--")  # chance of the four-way choice tasks
+    ax.set_ylim(0, 1)
+    ax.set_title("lm-evaluation-harness: headline metric per task, 95% interval")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)

@@ -1,7 +1,7 @@
 """`demo`: every stage in order on the embedded default data, then OUT/report.md.
 
     pretrain -> compare (Exp 1, on the 4-bit base) -> boost -> train twice (without and with null-space)
-             -> route and eval on the null-space run -> report.md
+             -> route, eval and the harness's benchmarks on the null-space run -> report.md
 
 Each stage resumes from what the folder already holds, so running the demo again after a kill (or
 after it finished) redoes nothing that is done. The same Preset goes to every stage: a modified
@@ -16,7 +16,7 @@ from dataclasses import replace
 from ..io import atomic_write_json, read_json
 from ..presets import get_preset
 from ..report.findings import findings_section
-from ..report.evaluation import eval_section
+from ..report.evaluation import eval_section, harness_section
 from ..report.report import boost_section, compare_section, data_section, forgetting_section, pretrain_section, write_report
 from ..report.router import router_section
 from .boost import run_boost
@@ -24,6 +24,7 @@ from .common import add_preset_args, writable_folder
 from .compare import run_compare
 from .continual import train_stage
 from .evaluate import eval_stage
+from .harness_eval import harness_stage
 from .pretrain import stage_pretrain
 from .route import route_stage
 
@@ -63,6 +64,7 @@ def main(args) -> int:
     # the demo's own Preset, not a name: route and eval check it against the run's record, then use it
     router = timed("meta-router", route_stage, run, preset, progress=progress)
     evaluation = timed("evaluation", eval_stage, run, preset, progress=progress)
+    harness = timed("benchmarks through lm-evaluation-harness", harness_stage, run, preset)
     sections = [
         f"Preset `{preset.name}`; run folder `{out}`; {time.time() - t0:.0f} s for this invocation.\n",
         findings_section(compare, boost, forgetting, router, evaluation),
@@ -73,6 +75,7 @@ def main(args) -> int:
         forgetting_section(forgetting),
         router_section(router, f"{run.name}/router.png"),
         eval_section(evaluation, f"{run.name}/eval.png"),
+        harness_section(harness, f"{run.name}/harness.png"),
         times_section(times, ledger),
     ]
     path = write_report(out, sections, title="ministacks demo report")

@@ -269,12 +269,28 @@ def side_by_side(sr: StackedRun, cfg: EvalConfig) -> list[dict]:
 def add_args(p) -> None:
     add_run_args(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--harness", action="store_true",
+                   help="also the benchmarks through lm-evaluation-harness (RUN/harness.json; the preset's "
+                        "EvalConfig.harness says how many examples)")
+    p.add_argument("--table4", action="store_true",
+                   help="with --harness: also the paper's eight benchmarks, whose data come from the hub")
 
 
 def main(args) -> int:
+    if args.table4 and not args.harness:
+        raise ValueError("--table4 runs through the harness: give --harness too")
     if Path(args.run).is_dir():
         writable_folder(args.run, "--run")  # eval.json is written into the run
     e = eval_stage(args.run, args.preset, progress=not args.no_progress)
     print("\n".join(eval_table(e)))
     print(f"wrote {e['files']['json']}")
+    if args.harness:
+        from ..evaluation.harness_tasks import harness_lines
+        from .harness_eval import harness_stage
+
+        h = harness_stage(args.run, args.preset, table4=args.table4 or None)
+        print("\n".join(harness_lines(h["results"])))
+        if "table4_unavailable" in h:
+            print(f"Table 4: {h['table4_unavailable']}")
+        print(f"wrote {h['files']['json']}")
     return 0
