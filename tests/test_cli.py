@@ -228,7 +228,7 @@ def test_caches_follow_the_stacks_content_not_their_names(demo_dir, tmp_path):
 
     import torch
 
-    from ministacks.stages.evaluate import _key
+    from ministacks.stages.common import eval_key
     from ministacks.io import read_json
     from ministacks.routing.router import save_router
     from ministacks.run import load_run
@@ -239,7 +239,7 @@ def test_caches_follow_the_stacks_content_not_their_names(demo_dir, tmp_path):
     run = tmp_path / "demo"
     shutil.copytree(demo_dir, run)
     sr = load_run(run)
-    eval_key = _key(sr, sr.preset.eval)
+    old_eval_key = eval_key(sr, sr.preset.eval)
     targets_key = read_json(run / "nullspace" / "router" / "targets.json")["key"]
     # "retrain" code_r01: new tensors, saved exactly as train saves a stack, under the same name
     entry = next(s for s in read_manifest(sr.paths.run)["stacks"] if s["domain"] == "code" and s["round"] == 1)
@@ -250,14 +250,14 @@ def test_caches_follow_the_stacks_content_not_their_names(demo_dir, tmp_path):
     assert main(["route", "--run", str(run), "--no-progress"]) == 0
     assert read_json(run / "nullspace" / "router" / "targets.json")["key"] != targets_key  # recomputed
     sr = load_run(run)
-    assert _key(sr, sr.preset.eval) != eval_key
+    assert eval_key(sr, sr.preset.eval) != old_eval_key
     # a router retrained with other weights but the same settings: eval.json is not reused either
-    key = _key(sr, sr.preset.eval)
+    key = eval_key(sr, sr.preset.eval)
     with torch.no_grad():
         for p in sr.router.parameters():
             p.add_(0.01)
     save_router(sr.paths.run, sr.router, sr.model)
-    assert _key(load_run(run), sr.preset.eval) != key
+    assert eval_key(load_run(run), sr.preset.eval) != key
 
 
 def test_generate_and_chat_load_stacks_from_disk_as_answers_need_them(demo_dir, capsys, monkeypatch):

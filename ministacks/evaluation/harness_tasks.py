@@ -206,6 +206,14 @@ def table4_lines(result: dict, paper: dict[str, tuple[float, float]], modes: Seq
     return lines
 
 
+HEADLINE = ("acc_mean", "exact_match", "pass_at_1", "acc")  # a task's headline metric, first present
+
+
+def headline_metric(cell: dict) -> str | None:
+    """The metric a task is read by: the paper's mean-log-prob choice, else its generation score."""
+    return next((m for m in HEADLINE if m in cell), None)
+
+
 def harness_lines(result: dict) -> list[str]:
     """A table per task × mode: every metric's value, its 95% interval and n (harness.evaluate's result)."""
     modes = [m for m in ("base", "ungated", "routed", "switched")

@@ -203,16 +203,10 @@ def eval_section(e: dict, figure: str) -> str:
 
 # -- the harness (stages/harness_eval.py, RUN/harness.json) -------------------------------------------
 
-HEADLINE = ("acc_mean", "exact_match", "pass_at_1", "acc")  # a task's headline metric, first present
-
-
-def headline_metric(cell: dict) -> str | None:
-    """The metric a task is read by: the paper's mean-log-prob choice, else its generation score."""
-    return next((m for m in HEADLINE if m in cell), None)
-
-
 def harness_finding(h: dict) -> str:
     """How many tasks routed scores above / below base beyond both 95% intervals, counted from harness.json."""
+    from ..evaluation.harness_tasks import headline_metric
+
     above, below, level = [], [], []
     for task in h["tasks"]:
         per_mode = h["results"].get(task, {})

@@ -337,7 +337,7 @@ def plot_harness(result: dict, path: str | Path) -> Path:
     four-way choice tasks. Read: whether the routed bars stand above base's beyond their intervals."""
     import numpy as np
 
-    from .evaluation import headline_metric
+    from ..evaluation.harness_tasks import headline_metric
 
     path = Path(path)
     tasks, modes = result["tasks"], result["modes"]

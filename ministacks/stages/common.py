@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..data import load_split
-from ..presets import PRESETS, Preset, get_preset
+from ..io import read_json
+from ..presets import PRESETS, EvalConfig, Preset, get_preset
+from ..routing.router import ROUTER_DIR
+from ..stacks.manifest import content_key, file_sha256
 from ..training.sft import StackTrainConfig
 from ..training.examples import ExampleSet, PackedExamples
 
@@ -116,3 +119,15 @@ def domain_data(preset: Preset, tok, domain: str, cfg: StackTrainConfig) -> tupl
     """(training windows, validation set) of one domain: what one round of stack training reads."""
     train = PackedExamples(tok, load_split(domain, "train", preset.data), cfg.completion_only, cfg.seq_len)
     return train, domain_val(preset, tok, domain, cfg)
+
+
+def eval_key(sr, cfg: EvalConfig) -> str:
+    """eval.json's cache key: the base and stacks' content, the router's weights and settings, the EvalConfig.
+
+    The router's checksum (its tensor file's sha256) is in it because `route`, run again, writes a new
+    router under the same names: without it, blocks measured with the old router would be reused as the
+    new one's. Any change discards the whole file, base and ungated blocks too (one key, rather than
+    one per block keyed by what that block depends on)."""
+    router = sr.paths.run / ROUTER_DIR
+    return content_key(sr.paths.run, sr.manifest, file_sha256(router / "model.safetensors"),
+                       read_json(router / "config.json"), asdict(cfg))

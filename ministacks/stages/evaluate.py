@@ -60,24 +60,10 @@ from ..presets import EvalConfig, Preset
 from ..report.paper import PAPER_TABLE4
 from ..report.plots import plot_eval
 from ..report.evaluation import eval_table
-from ..routing.router import ROUTER_DIR
 from ..run import load_run
-from ..stacks.manifest import content_key, file_sha256
-from .common import add_run_args, writable_folder
+from .common import add_run_args, eval_key, writable_folder
 
 HELP = "base / ungated / routed / switched: test loss and task accuracy per domain, loss on general text"
-
-
-def _key(sr: StackedRun, cfg: EvalConfig) -> str:
-    """eval.json's cache key: the base and stacks' content, the router's weights and settings, the EvalConfig.
-
-    The router's checksum (its tensor file's sha256) is in it because `route`, run again, writes a new
-    router under the same names: without it, blocks measured with the old router would be reused as the
-    new one's. Any change discards the whole file, base and ungated blocks too (one key, rather than
-    one per block keyed by what that block depends on)."""
-    router = sr.paths.run / ROUTER_DIR
-    return content_key(sr.paths.run, sr.manifest, file_sha256(router / "model.safetensors"),
-                       read_json(router / "config.json"), asdict(cfg))
 
 
 def eval_stage(path: str | Path, preset: Preset | str | None = None, progress: bool = True,
@@ -91,7 +77,7 @@ def eval_stage(path: str | Path, preset: Preset | str | None = None, progress: b
         raise FileNotFoundError(f"no router in {sr.paths.run}: run `python -m ministacks route --run {path}` first")
     cfg = cfg or sr.preset.eval
     out = sr.paths.run / "eval.json"
-    key = _key(sr, cfg)
+    key = eval_key(sr, cfg)
     # the same key: a killed evaluation's finished blocks are kept and only the rest run
     result = read_json(out) if out.is_file() else {}
     if result.get("key") != key:

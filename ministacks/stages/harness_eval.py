@@ -26,6 +26,7 @@ from ..io import atomic_write_json, read_json
 from ..presets import HarnessConfig, Preset
 from ..report.plots import plot_harness
 from ..run import load_run
+from .common import eval_key
 
 HARNESS_MODES = ("base", "ungated", "routed")  # the paper's comparison (Table 4: base vs routed)
 
@@ -34,8 +35,6 @@ def harness_stage(path: str | Path, preset: Preset | str | None = None, cfg: Har
                   table4: bool | None = None) -> dict:
     """Run the harness on the run at `path` in every HARNESS_MODES; write and return RUN/harness.json.
     `cfg`: the preset's EvalConfig.harness unless given; `table4`, if given, replaces its table4."""
-    from .evaluate import _key
-
     sr = load_run(path, preset)
     cfg = cfg or sr.preset.eval.harness
     if table4 is not None:
@@ -43,7 +42,7 @@ def harness_stage(path: str | Path, preset: Preset | str | None = None, cfg: Har
     if sr.router is None:
         raise FileNotFoundError(f"no router in {sr.paths.run}: run `python -m ministacks route --run {path}` first")
     out = sr.paths.run / "harness.json"
-    key = [_key(sr, sr.preset.eval), asdict(cfg)]  # a cfg given outright is not in the preset's
+    key = [eval_key(sr, sr.preset.eval), asdict(cfg)]  # a cfg given outright is not in the preset's
     cached = read_json(out) if out.is_file() else {}
     if cached.get("key") == key:
         return cached
