@@ -33,7 +33,9 @@ class FakeRun:
 
     made = 0
 
-    def __init__(self, path, preset=None, router=True):
+    cache = None  # every stack "in memory": nothing for generate to report about loads
+
+    def __init__(self, path, preset=None, router=True, **engine):
         FakeRun.made += 1
         self.paths = type("P", (), {"run": Path(path)})()
         self.domains = ("chat", "math")
@@ -55,8 +57,7 @@ class FakeRun:
 @pytest.fixture
 def fake_run(monkeypatch):
     FakeRun.made = 0
-    monkeypatch.setattr("ministacks.stages.generate.load_run", FakeRun)
-    monkeypatch.setattr("ministacks.stages.chat.load_run", FakeRun)
+    monkeypatch.setattr("ministacks.stages.common.load_run", FakeRun)  # generate's and chat's loader
     return FakeRun
 
 

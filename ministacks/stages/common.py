@@ -16,6 +16,7 @@ from ..data import load_split
 from ..io import read_json
 from ..presets import PRESETS, EvalConfig, Preset, get_preset
 from ..routing.router import ROUTER_DIR
+from ..run import load_run
 from ..stacks.manifest import content_key, file_sha256
 from ..training.sft import StackTrainConfig
 from ..training.examples import ExampleSet, PackedExamples
@@ -83,8 +84,6 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def load_for_answers(args, router: bool = True):
     """The run of `generate` / `chat`: stacks from disk on demand (the engine) unless --all-stacks."""
-    from ..run import load_run
-
     budget = None if args.stack_budget_mb is None else int(args.stack_budget_mb * 2**20)
     if args.all_stacks and budget is not None:
         raise ValueError("--all-stacks loads every stack, so --stack-budget-mb has nothing to limit: give one of the two")
