@@ -125,6 +125,15 @@ def read_json_file(path: str | Path, fix: str) -> Any:
         raise RunFileError(path, f"damaged: not valid JSON ({e}); {fix}") from None
 
 
+def size_problem(n_bytes: int, record: dict[str, Any], damaged: str = "damaged") -> str | None:
+    """What is wrong with a file of `n_bytes` whose JSON record says how many were written ("n_bytes"),
+    in words; None when the sizes agree or the record does not say."""
+    if "n_bytes" not in record or n_bytes == record["n_bytes"]:
+        return None
+    what = "truncated" if n_bytes < record["n_bytes"] else f"{damaged} (longer than written)"
+    return f"{what}: {n_bytes} bytes, {record['n_bytes']} were written"
+
+
 def read_checked_tensors(path: str | Path, record: dict[str, Any], fix: str, error: type = RunFileError,
                          damaged: str = "damaged") -> dict[str, torch.Tensor]:
     """A safetensors file checked against the "sha256" / "n_bytes" its JSON record holds (when it holds
@@ -134,9 +143,9 @@ def read_checked_tensors(path: str | Path, record: dict[str, Any], fix: str, err
     if not path.is_file():
         raise error(path, f"missing; {fix}")
     data = path.read_bytes()
-    if "n_bytes" in record and len(data) != record["n_bytes"]:
-        what = "truncated" if len(data) < record["n_bytes"] else f"{damaged} (longer than written)"
-        raise error(path, f"{what}: {len(data)} bytes, {record['n_bytes']} were written; {fix}")
+    problem = size_problem(len(data), record, damaged)
+    if problem is not None:
+        raise error(path, f"{problem}; {fix}")
     if "sha256" in record and hashlib.sha256(data).hexdigest() != record["sha256"]:
         raise error(path, f"{damaged}: its sha256 does not match the one recorded when it was written; {fix}")
     try:

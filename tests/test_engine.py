@@ -197,3 +197,13 @@ def test_a_missing_or_truncated_stack_refuses_the_run_before_any_answer(run, tmp
     with pytest.raises(DamagedStacksError, match="2 stack file") as e:
         StackCache(bad, _base(), read_manifest(bad))
     assert "truncated" in str(e.value) and "missing" in str(e.value) and "--from code:1" in str(e.value)
+
+
+def test_bench_engine_counts_every_domain_request_of_its_synthetic_stream():
+    from ministacks.bench.engine import bench_engine, domain_stream, synthetic_route
+
+    r = bench_engine(n_prompts=6, n_new=2, prompt_len=8, seed=1)
+    requests = sum(len(synthetic_route(d)) for d in domain_stream(6, 0.5, 1))  # chat + the domain, chat alone
+    assert r["hits"] + r["misses"] == requests
+    assert r["misses"] >= len(set(domain_stream(6, 0.5, 1)) | {"chat"})  # each domain's first request misses
+    assert r["router_ms"] > 0 and r["load_ms_per_stack"] > 0 and r["routed_tokens_per_s"] > 0

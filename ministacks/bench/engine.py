@@ -28,7 +28,6 @@ probabilities would be arbitrary, so each prompt takes its own domain's route in
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import statistics
 import tempfile
@@ -41,16 +40,14 @@ from ..data.example import DOMAINS
 from ..inference.offload import StackCache, live_domains
 from ..inference.stacked import StackedRun
 from ..lm.model import Transformer
-from ..presets import QUICK
 from ..routing.router import MetaRouter
-from ..stacks.layer import StacksOn, add_stack, freeze_active, inject_stacks, make_adapter, stacked_layers, stacks_on
+from ..stacks.layer import StacksOn, inject_stacks, stacks_on
 from ..stacks.manifest import new_manifest, read_manifest, write_manifest
 from ..stacks.proportions import scaled_adapter
 from ..stacks.store import save_stack
-from .route import PretokenizedPrompts
+from .route import ROUNDS_PER_DOMAIN, PretokenizedPrompts, default_configs, stacked_model
 from .timing import busy_machine, load_average
 
-ROUNDS_PER_DOMAIN = 2
 ROUTE_WEIGHT, CHAT_FLOOR = 0.9, 0.2  # a synthetic prompt's route: its domain at 0.9, chat at its floor
 
 
@@ -60,27 +57,21 @@ class _Tokenizer(PretokenizedPrompts):
 
 
 def synthetic_run(folder: Path, seed: int = 0) -> StackedRun:
-    """The quick preset's model (random weights) with 2 stacks per domain saved into `folder`, loaded
-    back through the engine: no stack in memory, every one on disk."""
-    cfg = dataclasses.replace(QUICK.model, vocab_size=4096)
+    """bench route's model at the quick preset's size (random weights, 2 stacks per domain at the presets'
+    proportions, random B), its stacks saved into `folder` as training saves them, and the same base
+    again without them, whose stacks the engine loads from there: none in memory, every one on disk."""
+    cfg = default_configs()["quick"]
     adapter = scaled_adapter(cfg)
-    torch.manual_seed(seed)
-    model = Transformer(cfg).eval()
-    inject_stacks(model)
+    model = stacked_model(cfg, DOMAINS, ROUNDS_PER_DOMAIN, adapter, seed)
     tok = _Tokenizer()
     manifest = new_manifest(model, tok, list(DOMAINS), {"seed": seed})
     for domain in DOMAINS:
-        for rnd in range(1, ROUNDS_PER_DOMAIN + 1):
-            add_stack(model, make_adapter("moe", adapter))
-            with torch.no_grad():  # a trained stack's B is not zero
-                for layer in stacked_layers(model):
-                    layer.active.lora_B.normal_(std=cfg.init_std)
-            freeze_active(model, domain)
-            save_stack(folder, model, domain, rnd, "moe", adapter, meta={})
-            manifest["stacks"].append({"domain": domain, "round": rnd})
+        for i in range(ROUNDS_PER_DOMAIN):
+            save_stack(folder, model, domain, i + 1, "moe", adapter, meta={}, index=i)
+            manifest["stacks"].append({"domain": domain, "round": i + 1})
     write_manifest(folder, manifest)
-    torch.manual_seed(seed)
-    base = Transformer(cfg).eval()  # the same base again, without the stacks
+    torch.manual_seed(seed)  # stacked_model's base, drawn again (the engine checks its fingerprint)
+    base = Transformer(cfg).eval()
     inject_stacks(base)
     router = MetaRouter(cfg.d_model, DOMAINS).eval()
     return StackedRun(base, tok, DOMAINS, router, where=str(folder),

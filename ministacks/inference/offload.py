@@ -72,11 +72,6 @@ class EngineStats:
         n = sum(load["stacks"] for load in loads)
         return sum(load["seconds"] for load in loads) / n if n else None
 
-    def as_json(self) -> dict[str, Any]:
-        return {"hits": self.hits, "misses": self.misses, "evictions": self.evictions, "hit_rate": self.hit_rate,
-                "seconds_per_stack": self.seconds_per_stack(), "loads": list(self.loads),
-                "route_seconds": list(self.route_seconds)}
-
     def summary(self) -> str:
         """One line for a person: `chat`'s /stats and the end of `generate`."""
         if not self.hits + self.misses:

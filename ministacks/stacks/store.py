@@ -67,7 +67,8 @@ from safetensors.torch import save as safetensors_to_bytes
 import torch
 import torch.nn as nn
 
-from ..io import atomic_write_bytes, atomic_write_json, read_checked_tensors, read_json, record_checksum
+from ..io import (atomic_write_bytes, atomic_write_json, read_checked_tensors, read_json, record_checksum,
+                  size_problem)
 from .fingerprint import base_fingerprint
 from .layer import AdapterConfig, StackedLinear, freeze_active, make_adapter
 
@@ -231,12 +232,18 @@ def read_record(run: str | Path, domain: str, round: int) -> dict[str, Any]:
     return _read_record(stack_paths(run, domain, round)[1], domain, round)
 
 
-def _read_tensors(tensor_path: Path, record: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The file's bytes, checked against the size and sha256 in the JSON, then parsed."""
+_FIX = "retrain this stack or restore the file from a backup"
+
+
+def _require_tensor_file(tensor_path: Path) -> None:
     if not tensor_path.is_file():
         raise StackFileError(tensor_path, "missing: the stack record exists but its tensor file does not")
-    return read_checked_tensors(tensor_path, record, "retrain this stack or restore the file from a backup",
-                                error=StackFileError, damaged="corrupted")
+
+
+def _read_tensors(tensor_path: Path, record: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The file's bytes, checked against the size and sha256 in the JSON, then parsed."""
+    _require_tensor_file(tensor_path)
+    return read_checked_tensors(tensor_path, record, _FIX, error=StackFileError, damaged="corrupted")
 
 
 def load_stack(run: str | Path, model: nn.Module, domain: str, round: int) -> dict[str, Any]:
@@ -360,12 +367,10 @@ def check_stack_size(run: str | Path, domain: str, round: int) -> dict[str, Any]
     truncated file): what can be checked without reading the tensors. StackFileError otherwise."""
     record = read_record(run, domain, round)
     tensor_path = stack_paths(run, domain, round)[0]
-    if not tensor_path.is_file():
-        raise StackFileError(tensor_path, "missing: the stack record exists but its tensor file does not")
-    size = tensor_path.stat().st_size
-    if "n_bytes" in record and size != record["n_bytes"]:
-        raise StackFileError(tensor_path, f"{'truncated' if size < record['n_bytes'] else 'corrupted'}: {size} bytes, "
-                                          f"{record['n_bytes']} were written; retrain this stack or restore the file")
+    _require_tensor_file(tensor_path)
+    problem = size_problem(tensor_path.stat().st_size, record, damaged="corrupted")  # as _read_tensors words it
+    if problem is not None:
+        raise StackFileError(tensor_path, f"{problem}; {_FIX}")
     return record
 
 

@@ -8,7 +8,6 @@ the mode. A mistyped command or weight prints the error and the session goes on.
 from __future__ import annotations
 
 from ..inference.stacked import MODES, describe_weights, parse_weights
-from ..stacks.store import StackFileError
 from .common import add_engine_args, add_run_args, load_for_answers
 from .generate import add_max_new_tokens, answer
 
@@ -78,5 +77,6 @@ def main(args) -> int:
                 print(f"unknown command {cmd}; /help lists them")
             else:
                 answer(sr, line, mode, args.max_new_tokens)
-        except (ValueError, FileNotFoundError, StackFileError) as e:  # a mistyped line must not end the session
+        # a mistyped line must not end the session, nor a damaged stack the engine loads (DamagedStacksError)
+        except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}")

@@ -13,6 +13,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from ..data import load_split
+from ..inference.offload import MB
 from ..io import read_json
 from ..presets import PRESETS, EvalConfig, Preset, get_preset
 from ..routing.router import ROUTER_DIR
@@ -84,7 +85,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def load_for_answers(args, router: bool = True):
     """The run of `generate` / `chat`: stacks from disk on demand (the engine) unless --all-stacks."""
-    budget = None if args.stack_budget_mb is None else int(args.stack_budget_mb * 2**20)
+    budget = None if args.stack_budget_mb is None else int(args.stack_budget_mb * MB)
     if args.all_stacks and budget is not None:
         raise ValueError("--all-stacks loads every stack, so --stack-budget-mb has nothing to limit: give one of the two")
     return load_run(args.run, args.preset, router=router, offload=not args.all_stacks, budget_bytes=budget)
