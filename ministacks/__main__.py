@@ -10,6 +10,7 @@
     eval       base / ungated / routed: test loss and task accuracy per domain
     generate   answer one prompt with a trained run (routed, or any mode / weights)
     chat       interactive: route, generate, force weights, compare the three modes
+    rl         DPO or GRPO on the last stack of a run's last-trained domain
     repair     undo a run back to before a (damaged) stack, so that `train`/`demo` retrains from there
     bench      speed measurements: `bench pretrain`, `bench moe`, `bench nf4`, `bench nullspace`, `bench route`
 """
@@ -32,6 +33,7 @@ COMMANDS = {
     "eval": "ministacks.stages.evaluate",
     "generate": "ministacks.stages.generate",
     "chat": "ministacks.stages.chat",
+    "rl": "ministacks.stages.rl",
     "repair": "ministacks.stages.repair",
     "data": "ministacks.stages.data",
     "bench": "ministacks.bench.command",

@@ -25,6 +25,7 @@ from .data import DataConfig
 from .evaluation.humaneval import N_PROBLEMS, TIMEOUT
 from .lm.model import ModelConfig
 from .lm.pretrain import PretrainConfig
+from .rl.loop import RLConfig
 from .routing.router import RouterConfig
 from .stacks.layer import AdapterConfig
 from .stacks.proportions import scaled_adapter
@@ -84,6 +85,7 @@ class Preset:
     continual: ContinualConfig = ContinualConfig()  # domains in curriculum order, null-space projection
     router: RouterConfig = RouterConfig()  # the meta-router: its data, targets and training
     eval: EvalConfig = EvalConfig()  # base / ungated / routed evaluation on the test split
+    rl: RLConfig = RLConfig()  # DPO / GRPO on a domain's last stack (train --rl, the rl command)
 
 
 SMOKE = Preset(
@@ -110,6 +112,10 @@ SMOKE = Preset(
     # and HumanEval/23 is the first that fits (measured), so the CLI tests ask one problem per mode
     eval=EvalConfig(n_loss=20, n_generate=2, n_exact=10, n_choice=10, n_general=4, max_new_tokens=16, n_panel_mixed=2,
                     humaneval=24, harness=HarnessConfig(n_choice=10, n_gsm=2)),
+    # a few steps of each: the tests see every part of the loop (at vocabulary 512, "Calculate a + b." answers
+    # take ~20 tokens)
+    rl=RLConfig(steps=4, pairs_per_step=4, prompts_per_step=2, group=4, max_new_tokens=24, n_eval=8, eval_every=2,
+                ckpt_every=2),
 )
 
 QUICK_MODEL = ModelConfig(n_layer=4, d_model=256, n_head=4, n_kv_head=2, max_seq_len=256, vocab_size=4096)

@@ -26,6 +26,7 @@ LAYERS = (
     ("ministacks.routing",),  # the oracle and the meta-router
     ("ministacks.inference",),  # a model with stacks and a router, answering prompts
     ("ministacks.evaluation",),  # task checks, HumanEval, the sandbox
+    ("ministacks.rl",),  # DPO, GRPO and REINFORCE on a domain's last stack, rewards from the checks
     ("ministacks.report",),  # report.md, the figures, the paper's numbers
     ("ministacks.presets",),  # Preset and the smoke / quick / paper values
     ("ministacks.run",),  # a run folder that describes itself

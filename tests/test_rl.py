@@ -1,4 +1,4 @@
-"""The RL objectives (training/rl.py): each against a direct transcription of its formula or a hand
+"""The RL objectives (rl/objectives.py): each against a direct transcription of its formula or a hand
 computation; the reference is base + frozen stacks; GRPO on-policy without clip or KL is REINFORCE."""
 
 import math
@@ -8,8 +8,8 @@ import torch
 
 from ministacks.lm.model import ModelConfig, Transformer
 from ministacks.stacks.layer import AdapterConfig, add_stack, freeze_active, inject_stacks, make_adapter, stacked_layers
-from ministacks.training.rl import (active_off, average_tokens, dpo_loss, dpo_metrics, group_advantages, grpo_loss,
-                                    reinforce_loss, sequence_logps, token_logps, variance_share)
+from ministacks.rl.objectives import (active_off, average_tokens, dpo_loss, dpo_metrics, group_advantages, grpo_loss,
+                                      reinforce_loss, sequence_logps, token_logps, variance_share)
 
 
 def test_dpo_loss_is_the_formula_and_its_gradient():

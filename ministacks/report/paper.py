@@ -8,7 +8,7 @@ so. Nothing here is ever compared with a tolerance or used to pick a setting.
 from ..stacks.proportions import PAPER_STACK_SHARE  # one stack's share of each paper base (needed there too)
 
 __all__ = ["PAPER_STACK_SHARE", "PAPER_EXP1", "PAPER_BOOST", "PAPER_FORGETTING", "PAPER_ORACLE", "PAPER_TABLE4",
-           "GENERAL_BENCHMARKS"]
+           "GENERAL_BENCHMARKS", "PAPER_RL"]
 
 # Experiment 1 and residual boosting: the paper's TinyLlama runs
 PAPER_EXP1 = {  # docs/brainstacks.md §9: TinyLlama-1.1B 4-bit, alpaca, val loss every 50 steps
@@ -34,6 +34,10 @@ PAPER_FORGETTING = {
 
 # docs/brainstacks.md §6: the paper's oracle on medical prompts (Gemma 3 12B): chat+math 32 of 33, medical alone 1 of 33
 PAPER_ORACLE = {"medical": {"chat+math": 32 / 33, "medical": 1 / 33}}
+
+# docs/brainstacks.md §8: per-domain RL after SFT, on the domain's last stack before it is frozen
+PAPER_RL = ("DPO on chat worked; GRPO on code blew up (loss ~2.8e7) and ruined every stack trained on top of "
+            "it, hence the spike guard. No RL hyperparameters or numbers are published.")
 
 
 # docs/brainstacks.md §9, Exp 3 (Gemma 3 12B IT, NF4, 5 domains x 2 rounds, 200 samples each): base -> routed

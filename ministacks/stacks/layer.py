@@ -370,6 +370,25 @@ def freeze_active(model: nn.Module, domain: str, keep_train_mode: bool = False) 
         layer.invalidate()
 
 
+def thaw_last(model: nn.Module, domain: str) -> list[nn.Parameter]:
+    """The inverse of `freeze_active`: the last frozen stack of `domain` becomes every layer's active stack
+    again, trainable (RL on a finished run's last-trained domain). Returns its parameters."""
+    for layer in stacked_layers(model):
+        if layer.active is not None:
+            raise RuntimeError("a stack is already active: freeze it (or drop it) before thawing another")
+        if domain not in layer.stacks:
+            raise ValueError(f"no frozen stack of {domain!r} to thaw")
+        adapter = layer.stacks[domain][-1]
+        del layer.stacks[domain][-1]
+        if not len(layer.stacks[domain]):
+            del layer.stacks[domain]
+        for p in adapter.parameters():
+            p.requires_grad_(True)
+        layer.active = adapter
+        layer.invalidate()
+    return active_parameters(model)
+
+
 def drop_active(model: nn.Module) -> None:
     for layer in stacked_layers(model):
         layer.active = None

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_write_bytes, atomic_write_json, load_tensors
-from ..presets import Preset, preset_record
+from ..io import atomic_write_bytes, atomic_write_json, load_tensors, read_json
+from ..presets import Preset, preset_from_record, preset_record
 from ..report.paper import PAPER_FORGETTING
 from ..report.plots import plot_forgetting, plot_subspaces
 from ..run import load_run, prepared_base
@@ -31,6 +31,7 @@ from ..training.nullspace import collect_deltas, top_directions
 from ..training.projection import orthogonality_by_projection, spectra_of, subspace_similarity
 from .common import add_preset_args, add_quant_arg, domain_data, domain_val, preset_of, writable_folder
 from .pretrain import ensure_base
+from .rl import align_hooks, parse_rl, rl_lines, rl_summary
 
 HELP = "continual domains in curriculum order, with null-space projection"
 
@@ -64,9 +65,18 @@ def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None
         manifest = new_manifest(model, tok, list(cc.domains), config)
         manifest["done"] = []
         write_manifest(run, manifest)
-    elif any(manifest["config"].get(k) != config[k] for k in RESUME_KEYS):
-        # resuming under other settings would mix stacks trained two ways in one run
-        raise ValueError(f"{run} holds a run with a different configuration; use another --out, or delete it")
+    else:
+        # resuming under other settings would mix stacks trained two ways in one run. The record is read back
+        # through the Preset first, so that a field added since it was written compares at its default
+        try:
+            recorded = preset_record(preset_from_record(manifest["config"]))
+        except ValueError:
+            recorded = manifest["config"]
+        keys = RESUME_KEYS + (("rl",) if cc.rl else ())  # RL's settings matter to a run that aligns stacks
+        differ = [k for k in keys if recorded.get(k) != config[k]]
+        if differ:
+            raise ValueError(f"{run} holds a run with a different configuration ({', '.join(differ)}); use another "
+                             "--out, or delete it")
     # the stacks already trained go back on the model, so the next round trains on top of them exactly
     # as it would have without the interruption (a damaged one: DamagedStacksError, naming the repair)
     load_all_stacks(run, model, manifest, strict=True)
@@ -80,7 +90,9 @@ def run_continual(preset: Preset, out: str | Path, run: str | Path | None = None
     ns_cfg = replace(preset.stack, max_val_examples=cc.ns_examples)
     ns_data = {d: domain_val(preset, tok, d, ns_cfg) for d in cc.domains} if cc.nullspace else {}
     manifest = train_domains(model, run, manifest, data, ns_data, cc, preset.stack, preset.adapter, preset.boost,
-                             progress=progress)
+                             progress=progress, align=align_hooks(preset, tok, progress))
+    if cc.rl:
+        rl_summary(run, manifest)
     atomic_write_json(run / "forgetting.json", manifest["forgetting"])
     return manifest
 
@@ -219,6 +231,9 @@ def add_args(p) -> None:
                    help="per_domain (paper): K directions per earlier domain; sum (released code): K of the sum")
     p.add_argument("--ns-data", choices=["previous", "new"], default="previous",
                    help="previous (paper): earlier domains' validation examples; new (released code): the new domain's")
+    p.add_argument("--rl", metavar="DOMAIN=METHOD,...",
+                   help="RL on each named domain's last stack before it is frozen, e.g. chat=dpo,math=grpo "
+                        "(methods: dpo, grpo, reinforce; the preset's RLConfig)")
     add_quant_arg(p, None, "base precision (default: the preset's)")
 
 
@@ -228,12 +243,17 @@ def main(args) -> int:
     cc = preset.continual
     if args.domains:
         cc = replace(cc, domains=tuple(d.strip() for d in args.domains.split(",") if d.strip()))
-    cc = replace(cc, nullspace=not args.no_nullspace, ns_mode=args.ns_mode, ns_basis=args.ns_basis, ns_data=args.ns_data)
+    cc = replace(cc, nullspace=not args.no_nullspace, ns_mode=args.ns_mode, ns_basis=args.ns_basis, ns_data=args.ns_data,
+                 rl=parse_rl(args.rl, cc.domains))
     result = train_stage(replace(preset, continual=cc), args.out, args.compare_nullspace, progress=not args.no_progress)
     for name, f in result["runs"].items():
         print(f"forgetting matrix, {name} (rows: after training; columns: {', '.join(f['domains'])}):")
         for d, row in zip(f["domains"], f["matrix"]):
             print(f"  after {d:10s} " + "  ".join("   -  " if v is None else f"{v:6.3f}" for v in row))
     out = Path(args.out)
+    for runs in ([out / "no_nullspace", out / "nullspace"] if args.compare_nullspace else [out]):
+        if (runs / "rl.json").is_file():
+            for r in read_json(runs / "rl.json")["domains"].values():
+                print("\n".join(rl_lines(r)))
     print(f"wrote {out / 'forgetting.json'}, {out / 'forgetting.png'}, {out / 'subspaces.png'}")
     return 0

@@ -1,7 +1,8 @@
 """`demo`: every stage in order on the embedded default data, then OUT/report.md.
 
     pretrain -> compare (Exp 1, on the 4-bit base) -> boost -> train twice (without and with null-space)
-             -> route, eval and the harness's benchmarks on the null-space run -> report.md
+             -> route, eval and the harness's benchmarks on the null-space run
+             -> RL after SFT: a chat -> reasoning run with DPO on chat and GRPO on reasoning (OUT/rl) -> report.md
 
 Each stage resumes from what the folder already holds, so running the demo again after a kill (or
 after it finished) redoes nothing that is done. The same Preset goes to every stage: a modified
@@ -12,20 +13,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 
 from ..io import atomic_write_json, read_json
-from ..presets import get_preset
+from ..presets import Preset, get_preset
 from ..report.findings import findings_section
 from ..report.evaluation import eval_section, harness_section
 from ..report.report import boost_section, compare_section, data_section, forgetting_section, pretrain_section, write_report
+from ..report.rl import rl_section
 from ..report.router import router_section
 from .boost import run_boost
 from .common import add_preset_args, writable_folder
 from .compare import run_compare
-from .continual import train_stage
+from .continual import run_continual, train_stage
 from .evaluate import eval_stage
 from .harness_eval import harness_stage
 from .pretrain import stage_pretrain
+from .rl import rl_summary
 from .route import route_stage
 
 HELP = "run every stage on the default data and write report.md"
@@ -65,6 +69,7 @@ def main(args) -> int:
     router = timed("meta-router", route_stage, run, preset, progress=progress)
     evaluation = timed("evaluation", eval_stage, run, preset, progress=progress)
     harness = timed("benchmarks through lm-evaluation-harness", harness_stage, run, preset)
+    rl = timed("RL after SFT: DPO on chat, GRPO on reasoning", rl_demo_stage, preset, out, progress)
     sections = [
         f"Preset `{preset.name}`; run folder `{out}`; {time.time() - t0:.0f} s for this invocation.\n",
         findings_section(compare, boost, forgetting, router, evaluation),
@@ -76,12 +81,27 @@ def main(args) -> int:
         router_section(router, f"{run.name}/router.png"),
         eval_section(evaluation, f"{run.name}/eval.png"),
         harness_section(harness, f"{run.name}/harness.png"),
+        rl_section(rl, f"{RL_RUN}/rl.png"),
         times_section(times, ledger),
     ]
     path = write_report(out, sections, title="ministacks demo report")
     print(f"\nvalidation loss {summary['val_loss']:.3f} (unigram entropy {summary['unigram_entropy']:.3f})")
     print(f"report: {path}")
     return 0
+
+
+RL_RUN = "rl"  # OUT/rl: the demo's RL run
+RL_DOMAINS = (("chat", "dpo"), ("reasoning", "grpo"))  # DPO where replies are judged by pairs, GRPO where checked
+
+
+def rl_demo_stage(preset: Preset, out: Path, progress: bool) -> dict:
+    """RL in the paper's place, on a short continual run of its own (OUT/rl): chat, then reasoning, one round each,
+    each domain's stack aligned before it is frozen (`train --rl chat=dpo,reasoning=grpo`). Its own run, because
+    aligning a stack of the null-space run would change what every later stack there was trained on.
+    Chat's SFT stack is trained as the continual runs' first one is (the same seed, data and steps)."""
+    cc = replace(preset.continual, domains=tuple(d for d, _ in RL_DOMAINS), rounds=1, rl=RL_DOMAINS)
+    manifest = run_continual(replace(preset, continual=cc), out, out / RL_RUN, progress)
+    return rl_summary(out / RL_RUN, manifest)
 
 
 def times_section(times: dict[str, float], ledger: dict) -> str:

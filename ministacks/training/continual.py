@@ -39,7 +39,7 @@ from __future__ import annotations
 import shutil
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -74,16 +74,26 @@ class ContinualConfig:
     # Its own runs stay below it (TinyLlama: 3 × 32 of the 256 k/v outputs = 37.5%; Gemma 3 12B: 4 × 64 of
     # 2048 = 12.5%), but our narrow k/v projections fill up: the new domain keeps at least half of every output
     ns_max_share: float = 0.5
+    # (domain, method) pairs: RL ("dpo", "grpo" or "reinforce") on the domain's last stack before it is
+    # frozen and the next domain starts (Algorithm 2, line 4; `train --rl chat=dpo,math=grpo`)
+    rl: tuple[tuple[str, str], ...] = ()
 
 
 ROUND_IN_PROGRESS = "round_in_progress"  # RUN/round_in_progress: train_round's checkpoints of the current round
+RL_IN_PROGRESS = "rl_in_progress"  # RUN/rl_in_progress: the RL checkpoints of a domain's last stack (--rl)
+
+# RL on a domain's last stack before it is frozen (the stage's rl/loop.py align_stack, wrapped): called as
+# align(model, checkpoint folder, the round's result, {"domain", "round"}, after_step) and returning the RL
+# result; after_step is the strict null-space projection of B (None without it), run after every RL update
+# as after every SFT step, so the aligned stack is stored as orthogonal as the SFT one
+Align = Callable[[nn.Module, Path, RoundResult, dict, Callable[[nn.Module], None] | None], dict]
 
 
 def _discard_if_saved(ckpt_dir: Path, manifest: dict) -> None:
-    """Remove a round checkpoint whose (domain, round) the manifest already lists: a kill between the
+    """Remove a round (or RL) checkpoint whose (domain, round) the manifest already lists: a kill between the
     manifest entry and the checkpoint's removal leaves it behind, and resuming from it would add the
-    saved stack a second time. Any other checkpoint is left for train_round, which resumes it if it
-    is the next round's and refuses it otherwise."""
+    saved stack a second time. Any other checkpoint is left for train_round (or the RL loop), which
+    resumes it if it is the next round's and refuses it otherwise."""
     ckpt = load_latest(ckpt_dir)
     if ckpt is None:
         return
@@ -108,16 +118,19 @@ def _basis(model: nn.Module, run: Path, domain: str, earlier: list[str], ns_data
 
 def train_domains(model: nn.Module, run: Path, manifest: dict, data: dict[str, tuple[PackedExamples, ExampleSet]],
                   ns_data: dict[str, ExampleSet], cc: ContinualConfig, stack: StackTrainConfig,
-                  adapter: AdapterConfig, boost: BoostConfig, progress: bool = True) -> dict:
+                  adapter: AdapterConfig, boost: BoostConfig, progress: bool = True,
+                  align: dict[str, Align] | None = None) -> dict:
     """The outer loop: every domain of `cc.domains` in order, on `model` (the base with the stacks of
     `manifest` already loaded), writing each stack and the manifest into `run` as soon as it exists.
+    `align[d]`: RL on d's last stack before it is frozen (`Align`); its result goes into the stack's record.
 
     `data[d]` is d's (training windows, validation set); `ns_data[d]` the examples whose deltas define
     d's null-space directions. Domains the manifest marks done are skipped: their stacks are loaded,
     and their forgetting rows were written when they finished. Returns the manifest."""
     domains = list(cc.domains)
-    ckpt_dir = run / ROUND_IN_PROGRESS
+    ckpt_dir, rl_dir = run / ROUND_IN_PROGRESS, run / RL_IN_PROGRESS
     _discard_if_saved(ckpt_dir, manifest)
+    _discard_if_saved(rl_dir, manifest)
     boost = replace(boost, max_rounds=cc.rounds)  # the continual run's own round budget per domain
     for i, domain in enumerate(domains):
         saved = [s["best_loss"] for s in manifest["stacks"] if s["domain"] == domain]
@@ -142,17 +155,26 @@ def train_domains(model: nn.Module, run: Path, manifest: dict, data: dict[str, t
             attach_projection(model, basis, training_only=cc.ns_mode == "reference")
             after_step = make_after_step(basis, cc.ns_mode)
 
+        aligned: dict[int, dict] = {}  # round -> the RL result of its stack (the domain's last round, with --rl)
+
+        def rl_round(r: int, res: RoundResult, domain=domain) -> None:
+            aligned[r] = align[domain](model, rl_dir, res, {"domain": domain, "round": r + 1}, after_step)
+
         def save_round(r: int, res: RoundResult) -> None:
-            # the stack is on disk before the manifest names it, and the round's checkpoint goes last:
+            # the stack is on disk before the manifest names it, and the round's checkpoints go last:
             # a kill between any two of these resumes to the same stacks (module docstring)
             record = {"domain": domain, "round": r + 1, **res.to_dict()}
+            if r in aligned:
+                record["rl"] = aligned[r]
             save_stack(run, model, domain, r + 1, "moe", adapter, meta=record)
             manifest["stacks"].append(record)
             write_manifest(run, manifest)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
+            shutil.rmtree(rl_dir, ignore_errors=True)
 
         boost_domain(model, domain, make_adapter("moe", adapter), train, lambda: example_loss(model, val), stack, boost,
-                     progress=progress, after_step=after_step, saved=saved, ckpt_dir=ckpt_dir, after_round=save_round)
+                     progress=progress, after_step=after_step, saved=saved, ckpt_dir=ckpt_dir, after_round=save_round,
+                     before_freeze=rl_round if align and domain in align else None)
         detach_projection(model)  # frozen stacks run as they are stored (strict mode made them orthogonal)
         set_stacks(model, StacksOn.ungated())  # the forgetting row: every domain so far, all stacks on
         manifest["forgetting"]["matrix"][i] = [example_loss(model, data[d][1]) if j <= i else None
@@ -212,6 +234,7 @@ def repair_run(run: str | Path, domain: str, round: int) -> list[str]:
     for d in domains[first + 1 :]:
         (run / "bases" / f"{d}.safetensors").unlink(missing_ok=True)
     shutil.rmtree(run / ROUND_IN_PROGRESS, ignore_errors=True)
+    shutil.rmtree(run / RL_IN_PROGRESS, ignore_errors=True)
     return [stack_name(s["domain"], s["round"]) for s in removed]
 
 

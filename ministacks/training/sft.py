@@ -367,11 +367,14 @@ def boost_domain(
     saved: Sequence[float] = (),
     ckpt_dir: str | Path | None = None,
     after_round: Callable[[int, RoundResult], None] | None = None,
+    before_freeze: Callable[[int, RoundResult], None] | None = None,
 ) -> list[RoundResult]:
     """Residual boosting on one domain: the one loop `boost` and the continual run share.
 
         while not boosting_done(rounds so far):
             train_round: a fresh stack on top of the frozen ones (its own seed, its own batches)
+            before_freeze(r, result)          the domain's last round only: RL on its still-active
+                                              stack (Algorithm 2, line 4; the continual run's --rl)
             freeze it under `domain`          kept even if it is the round that stops the loop
             after_round(r, result)            the caller's hook: the continual run saves the stack and
                                               its manifest entry here, before the next round starts
@@ -386,6 +389,9 @@ def boost_domain(
         res = train_round(model, make_adapter, train, val_loss, cfg, progress, desc=f"{domain} round {r + 1}",
                           after_step=after_step, round_index=r, ckpt_dir=ckpt_dir,
                           owner={"domain": domain, "round": r + 1})
+        # the last round is known once its result is: the stop rule or the round budget ends the loop here
+        if before_freeze is not None and boosting_done(best + [res.best_loss], boost):
+            before_freeze(r, res)
         freeze_active(model, domain)
         if after_round is not None:
             after_round(r, res)

@@ -52,7 +52,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..stacks.layer import stacked_layers
-from .examples import logits_at
+from ..training.examples import logits_at
 
 ADV_EPS = 1e-4  # TRL's: keeps a group with (nearly) equal rewards from dividing by zero
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo")
