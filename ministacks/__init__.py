@@ -43,11 +43,17 @@ round a loop): a mechanism never imports a preset, a stage or the command line.
     modes.py       one mode's measurements: loss, exact greedy accuracy, general text, paired intervals
     sandbox.py     where model-written code runs: limits, no network, confined writes
     isolation.py   the sandbox's layers inside the child: namespaces, mounts, init, uid, audit hook
+  rl/            RL on a domain's last stack after SFT, before it is frozen
+    objectives.py  DPO, GRPO and REINFORCE by hand; the reference is the model with its active stack off
+    rewards.py     rewards that are the evaluation's checks (math, reasoning, ICD codes, HumanEval tests)
+    samples.py     DPO pairs from the corpora, GRPO groups from the KV-cache generator
+    guard.py       the blow-up guard; loop.py the loop, its before and after, the last good stack restored
   report/
     findings.py    the paper's findings beside ours, with generated verdicts: report.md's first table
     report.py      report.md, every comparison sentence generated from the numbers it compares
     evaluation.py  report.md's evaluation section: every mode, general text, samples
     router.py      report.md's router section
+    rl.py          report.md's RL section and its figure
     plots.py       the figures
     paper.py       every number quoted from the paper, in one place
   presets.py     Preset, the smoke / quick / paper presets, the evaluation's config, a Preset's record
@@ -55,7 +61,7 @@ round a loop): a mechanism never imports a preset, a stage or the command line.
   stages/        the work of each command: (Preset, run folder) -> JSON, resumable
     common.py      arguments, folder checks, a domain's data
     data.py  pretrain.py  compare.py  boost.py  continual.py (`train`)  route.py  evaluate.py (`eval`)
-    generate.py  chat.py  repair.py  demo.py
+    generate.py  chat.py  rl.py  repair.py  demo.py
   bench/         speed measurements: timing.py (the one timing loop), one file per benchmark, command.py
   __main__.py    the command line: a table of commands, each a stage module's add_args and main
 

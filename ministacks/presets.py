@@ -112,9 +112,9 @@ SMOKE = Preset(
     # and HumanEval/23 is the first that fits (measured), so the CLI tests ask one problem per mode
     eval=EvalConfig(n_loss=20, n_generate=2, n_exact=10, n_choice=10, n_general=4, max_new_tokens=16, n_panel_mixed=2,
                     humaneval=24, harness=HarnessConfig(n_choice=10, n_gsm=2)),
-    # a few steps of each: the tests see every part of the loop (at vocabulary 512, "Calculate a + b." answers
-    # take ~20 tokens)
-    rl=RLConfig(steps=4, pairs_per_step=4, prompts_per_step=2, group=4, max_new_tokens=24, n_eval=8, eval_every=2,
+    # a few steps of each: the tests see every part of the loop. At vocabulary 512 an answer takes ~3x the
+    # tokens it does at 4096: 64 lets 36 of 110 reasoning training examples (6 of 20 validation) in
+    rl=RLConfig(steps=4, pairs_per_step=4, prompts_per_step=2, group=4, max_new_tokens=64, n_eval=8, eval_every=2,
                 ckpt_every=2),
 )
 
@@ -148,13 +148,18 @@ QUICK = Preset(
     # the domain labels: 0.57 / 0.00 after 8 epochs, 0.96 / 0.92 after 30, about as many steps as 40 here)
     router=RouterConfig(prompts_per_domain=16, mixed_per_kind=14, epochs=40),
     # 100 checkable answers per domain: a 95% interval at most ±9.6 points wide (at 50%). HumanEval: the first
-    # 30 problems (pass@1's 95% interval at 0 of 30 is [0%, 11.4%]); all 164 cost about a minute and a half
-    # more over the four modes. 3 generated answers per domain: the panel of what the answers look like;
-    # the exact check is the accuracy with an interval. The paper preset asks 200, 50 and all 164.
-    # The harness: 50 choice examples per domain and 10 GSM-Symbolic problems (at 100 and 20 it took 109 s of
-    # a 15.5-minute demo, measured; its choice is eval's choice again, through the harness)
-    eval=EvalConfig(n_loss=50, n_exact=100, n_choice=100, n_generate=3, max_new_tokens=96, n_panel_mixed=2, humaneval=30,
-                    harness=HarnessConfig(n_choice=50, n_gsm=10)),
+    # 10 problems (pass@1's 95% interval at 0 of 10 is [0%, 27.8%]): with 30, the code blocks took 10-15 s per
+    # mode against 2-11 s for the other domains' (measured, of 179 s of evaluation). 3 generated answers per
+    # domain: the panel of what the answers look like; the exact check is the accuracy with an interval. The
+    # paper preset asks 200, 50 and all 164.
+    # The harness: 20 choice examples per domain and 5 GSM-Symbolic problems: at 50 and 10 it took 52 s of an
+    # 11.6-minute demo (measured). Its choice is eval's choice again, through the harness, so the numbers
+    # with intervals that matter are eval's; the demo runs the harness to show the path and the parity
+    eval=EvalConfig(n_loss=50, n_exact=100, n_choice=100, n_generate=3, max_new_tokens=96, n_panel_mixed=1, humaneval=10,
+                    harness=HarnessConfig(n_choice=20, n_gsm=5)),
+    # 10 steps of each: DPO's cost ~0.5 s a step, GRPO's ~4 s (3 prompts x 8 samples of up to 48 tokens,
+    # generated group by group, then two updates), measured on the demo's chat -> reasoning run
+    rl=RLConfig(steps=10, prompts_per_step=3),
 )
 
 PAPER = Preset(

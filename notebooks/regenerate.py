@@ -39,6 +39,7 @@ NOTEBOOKS = (
     "03_residual_boosting",
     "04_continual_nullspace",
     "05_meta_router",
+    "07_rl",
     "08_scale",
 )
 

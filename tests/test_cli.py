@@ -56,7 +56,7 @@ def test_boost_json_records_rounds_and_the_stop_rule(demo_dir):
 def test_demo_again_reuses_everything(demo_dir, capsys):
     before = (demo_dir / "compare.json").read_text()
     ledger = json.loads((demo_dir / "stage_times.json").read_text())
-    assert len(ledger["seconds"]) == 7 and all(s > 0 for s in ledger["seconds"].values())
+    assert len(ledger["seconds"]) == 8 and all(s > 0 for s in ledger["seconds"].values())
     assert main(["demo", "--preset", "smoke", "--out", str(demo_dir), "--no-progress"]) == 0
     assert (demo_dir / "compare.json").read_text() == before
     # the stage times add this invocation's (reading what is done) to the first's, and the report shows both
