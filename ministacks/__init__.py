@@ -54,6 +54,7 @@ round a loop): a mechanism never imports a preset, a stage or the command line.
     evaluation.py  report.md's evaluation section: every mode, general text, samples
     router.py      report.md's router section
     rl.py          report.md's RL section and its figure
+    psn.py         PSN v1's section and figure
     plots.py       the figures
     paper.py       every number quoted from the paper, in one place
   presets.py     Preset, the smoke / quick / paper presets, the evaluation's config, a Preset's record
@@ -61,7 +62,7 @@ round a loop): a mechanism never imports a preset, a stage or the command line.
   stages/        the work of each command: (Preset, run folder) -> JSON, resumable
     common.py      arguments, folder checks, a domain's data
     data.py  pretrain.py  compare.py  boost.py  continual.py (`train`)  route.py  evaluate.py (`eval`)
-    generate.py  chat.py  rl.py  repair.py  demo.py
+    generate.py  chat.py  rl.py  psn.py  repair.py  demo.py
   bench/         speed measurements: timing.py (the one timing loop), one file per benchmark, command.py
   __main__.py    the command line: a table of commands, each a stage module's add_args and main
 

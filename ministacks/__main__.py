@@ -11,6 +11,7 @@
     generate   answer one prompt with a trained run (routed, or any mode / weights)
     chat       interactive: route, generate, force weights, compare the three modes
     rl         DPO or GRPO on the last stack of a run's last-trained domain
+    psn        PSN v1: the continual run on a randomly initialised base, beside the pretrained one
     repair     undo a run back to before a (damaged) stack, so that `train`/`demo` retrains from there
     bench      speed measurements: `bench pretrain`, `bench moe`, `bench nf4`, `bench nullspace`, `bench route`
 """
@@ -34,6 +35,7 @@ COMMANDS = {
     "generate": "ministacks.stages.generate",
     "chat": "ministacks.stages.chat",
     "rl": "ministacks.stages.rl",
+    "psn": "ministacks.stages.psn",
     "repair": "ministacks.stages.repair",
     "data": "ministacks.stages.data",
     "bench": "ministacks.bench.command",

@@ -158,6 +158,19 @@ def test_eval_resumes_only_what_is_missing(demo_dir):
     assert again["seconds"]["base/chat"] == e["seconds"]["base/chat"]  # not recomputed
 
 
+def test_evals_cache_key_ignores_the_harness_settings(demo_dir):
+    from dataclasses import replace
+
+    from ministacks.presets import HarnessConfig
+    from ministacks.run import load_run
+    from ministacks.stages.common import eval_key
+
+    sr = load_run(demo_dir, "smoke")
+    cfg = sr.preset.eval
+    assert eval_key(sr, replace(cfg, harness=HarnessConfig(n_choice=3, n_gsm=1))) == eval_key(sr, cfg)
+    assert eval_key(sr, replace(cfg, n_exact=cfg.n_exact + 1)) != eval_key(sr, cfg)
+
+
 def test_route_again_reuses_the_cached_targets(demo_dir):
     targets = demo_dir / "nullspace" / "router" / "targets.json"
     before = targets.stat().st_mtime_ns

@@ -145,3 +145,12 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path):
             assert torch.equal(a[k], b[k]), k
     with pytest.raises(ValueError, match="RL checkpoint"):  # another run's checkpoint is refused
         align_stack(model, tok, "math", "dpo", train, val, lambda: 0.0, CFG, ckpt_dir=tmp_path, progress=False)
+
+
+def test_dpo_against_the_policys_own_replies():
+    model, tok, train, val = _tiny()
+    cfg = RLConfig(steps=2, eval_every=2, n_eval=6, max_new_tokens=16, pairs_per_step=4, rejected="sample")
+    r = align_stack(model, tok, "math", "dpo", train, val, lambda: 0.0, cfg, progress=False)
+    assert r["n_train"] > 0 and r["updates"] == 2 and r["guard"] is None
+    with pytest.raises(ValueError, match="rejected"):
+        align_stack(model, tok, "math", "dpo", train, val, lambda: 0.0, RLConfig(rejected="judge"), progress=False)

@@ -161,3 +161,13 @@ def test_without_the_hub_the_scripts_say_so_and_fall_back(capsys):
         DataConfig(hub="alpaca")
     # the embedded corpora keep the cache key they had before the field existed
     assert "hub" not in recipe(DataConfig())["config"] and recipe(DataConfig(hub="gemma"))["config"]["hub"] == "gemma"
+
+
+def test_rl_on_a_pretrained_run(cpu_run, capsys):
+    """GRPO through the scale path: the run's last-trained domain (medical, the ICD codes' reward) on the Hugging
+    Face base, with the same rl command (last in this file: it changes the run's last stack)."""
+    assert ministacks_main(["rl", "--run", str(cpu_run), "--domain", "medical", "--method", "grpo", "--no-progress"]) == 0
+    assert "medical grpo" in capsys.readouterr().out
+    summary = json.loads((cpu_run / "nullspace" / "rl.json").read_text())
+    r = summary["domains"]["medical"]
+    assert r["before"]["measure"] == "accuracy" and r["before"]["n"] > 0 and r["curve"]

@@ -8,7 +8,7 @@ so. Nothing here is ever compared with a tolerance or used to pick a setting.
 from ..stacks.proportions import PAPER_STACK_SHARE  # one stack's share of each paper base (needed there too)
 
 __all__ = ["PAPER_STACK_SHARE", "PAPER_EXP1", "PAPER_BOOST", "PAPER_FORGETTING", "PAPER_ORACLE", "PAPER_TABLE4",
-           "GENERAL_BENCHMARKS", "PAPER_RL"]
+           "GENERAL_BENCHMARKS", "PAPER_RL", "PAPER_PSN"]
 
 # Experiment 1 and residual boosting: the paper's TinyLlama runs
 PAPER_EXP1 = {  # docs/brainstacks.md §9: TinyLlama-1.1B 4-bit, alpaca, val loss every 50 steps
@@ -34,6 +34,14 @@ PAPER_FORGETTING = {
 
 # docs/brainstacks.md §6: the paper's oracle on medical prompts (Gemma 3 12B): chat+math 32 of 33, medical alone 1 of 33
 PAPER_ORACLE = {"medical": {"chat+math": 32 / 33, "medical": 1 / 33}}
+
+# docs/brainstacks.md §8: PSN, Brainstacks without (v1) and beside (v2) a pretrained geometry
+PAPER_PSN = {
+    "v1": ("a randomly initialised GPT-2-size model (12 layers, 1024 hidden) trained with stacking and null-space "
+           "across six domains converges per domain, but its quality is poor: LoRA corrections need a pretrained "
+           "geometry to refine"),
+    "v2": {"oracle_gain_nats": (2.4, 5.2), "router_single_top1": 1.0, "router_mixed_match": 1.0},
+}
 
 # docs/brainstacks.md §8: per-domain RL after SFT, on the domain's last stack before it is frozen
 PAPER_RL = ("DPO on chat worked; GRPO on code blew up (loss ~2.8e7) and ruined every stack trained on top of "

@@ -1,4 +1,5 @@
-"""RL on a domain's last stack, after its SFT rounds and before it is frozen (Algorithm 2, line 4; docs/brainstacks.md §8).
+"""RL on a domain's last stack, after its SFT rounds and before it is frozen (Algorithm 2, line 4; §8 of
+docs/brainstacks.md).
 
     pairs or prompts     DPO: (true reply, another reply) pairs of the domain's training split (samples.py);
                          GRPO / REINFORCE: its training prompts that a reward can check (rewards.py) and
@@ -23,8 +24,8 @@ Decisions the paper leaves open, and ours:
 - GRPO: G = 8 completions per prompt at temperature 0.7: at 1.0 the miniature's samples are almost never
   right where its greedy answers are right a fifth of the time (measured on the quick reasoning stack:
   every group's rewards equal, nothing to learn), so the groups are drawn nearer the greedy answer; the
-  log-probs in the ratio are the policy's own (temperature 1), for the old and the new policy alike. Two updates per sampled
-  batch (so the ratio leaves 1 and the clip ε = 0.2 can bind); tokens averaged by "bnpo" (every
+  log-probs in the ratio are the policy's own (temperature 1), for the old and the new policy alike. Two
+  updates per sampled batch (so the ratio leaves 1 and the clip ε = 0.2 can bind); tokens averaged by "bnpo" (every
   completion token weighs the same: no length bias, objectives.average_tokens).
 - No KL by default (β = 0, TRL's default; `kl_beta` turns the k3 term on): our reference is the model
   before the domain's SFT stack, so a KL to it pulls the stack back toward doing nothing (measured: the
@@ -52,12 +53,14 @@ from ..evaluation.tasks import wilson_interval
 from ..lm.tokenizer import Tokenizer
 from ..runtime import training_state
 from ..stacks.layer import active_parameters, stacked_layers
-from ..training.sft import CheckpointMismatchError
+from ..training.sft import (CheckpointMismatchError, flatten_snapshot, restore_active, snapshot_active,
+                             unflatten_snapshot)
 from .guard import BlowUpGuard, GuardConfig
 from .objectives import (LOSS_TYPES, active_off, dpo_loss, dpo_metrics, group_advantages, grpo_loss, reinforce_loss,
                          sequence_logps, token_logps, variance_share)
 from .rewards import reward_for, rewardable
-from .samples import NonFinitePolicy, Pair, batch_of, greedy_replies, pair_batch, reply_pairs, sample_group, sampled_pairs, text_of
+from .samples import (NonFinitePolicy, Pair, batch_of, greedy_replies, pair_batch, reply_pairs, sample_group,
+                      sampled_pairs, text_of)
 
 METHODS = ("dpo", "grpo", "reinforce")
 
@@ -212,28 +215,6 @@ class Aligner:
             yield loss, {**logs, **extra}, flat
 
 
-def _snapshot(model: nn.Module) -> list[dict[str, torch.Tensor]]:
-    return [{k: v.detach().clone() for k, v in layer.active.state_dict().items()} for layer in stacked_layers(model)]
-
-
-def _restore(model: nn.Module, snap: list[dict[str, torch.Tensor]]) -> None:
-    for layer, sd in zip(stacked_layers(model), snap):
-        layer.active.load_state_dict(sd)
-
-
-def _flat(prefix: str, snap) -> dict[str, torch.Tensor]:
-    return {f"{prefix}.{i}.{k}": v for i, sd in enumerate(snap) for k, v in sd.items()}
-
-
-def _unflat(prefix: str, tensors: dict[str, torch.Tensor], n: int):
-    snap = [{} for _ in range(n)]
-    for name, v in tensors.items():
-        if name.startswith(prefix + "."):
-            i, k = name[len(prefix) + 1:].split(".", 1)
-            snap[int(i)][k] = v
-    return snap
-
-
 def align_stack(model: nn.Module, tok: Tokenizer, domain: str, method: str, train: Sequence[Example],
                 val: Sequence[Example], val_loss: Callable[[], float], cfg: RLConfig = RLConfig(), seed: int = 0,
                 ckpt_dir: str | Path | None = None, owner: dict | None = None, progress: bool = True,
@@ -255,13 +236,13 @@ def align_stack(model: nn.Module, tok: Tokenizer, domain: str, method: str, trai
         raise CheckpointMismatchError(f"{ckpt_dir} holds the RL checkpoint of {ckpt.state.get('identity')}, not of "
                                       f"{identity}: delete {ckpt_dir} to run this RL afresh")
     if ckpt is not None:
-        _restore(model, _unflat("active", ckpt.model, layers))
-        good = _unflat("good", ckpt.model, layers)
+        restore_active(model, unflatten_snapshot("active", ckpt.model, layers))
+        good = unflatten_snapshot("good", ckpt.model, layers)
         optimizer_from_tensors(opt, *ckpt.optimizer)
         result = ckpt.state["result"]
         guard = BlowUpGuard(cfg.guard, ckpt.state["guard_history"])
     else:
-        good = _snapshot(model)
+        good = snapshot_active(model)
         result = {"domain": domain, "method": method, "config": asdict(cfg), "steps_run": 0, "updates": 0,
                   "curve": [], "measures": [], "guard": None, "seconds": 0.0, "before": al.measure(),
                   "n_train": len(al.pairs if method == "dpo" else al.prompts)}
@@ -269,8 +250,9 @@ def align_stack(model: nn.Module, tok: Tokenizer, domain: str, method: str, trai
 
     def checkpoint(done: bool) -> None:
         if ckpt_dir is not None:
-            save_checkpoint(ckpt_dir, result["steps_run"], {**_flat("active", _snapshot(model)), **_flat("good", good)},
-                            opt, {"identity": identity, "result": result, "guard_history": guard.state(), "done": done})
+            tensors = {**flatten_snapshot("active", snapshot_active(model)), **flatten_snapshot("good", good)}
+            state = {"identity": identity, "result": result, "guard_history": guard.state(), "done": done}
+            save_checkpoint(ckpt_dir, result["steps_run"], tensors, opt, state)
 
     done = ckpt is not None and ckpt.state["done"]
     # every forward in eval mode: no routing noise, so the sampler and the learner agree (module docstring)
@@ -282,7 +264,7 @@ def align_stack(model: nn.Module, tok: Tokenizer, domain: str, method: str, trai
             losses = al.dpo_losses(step) if method == "dpo" else al.group_losses(step)
             for loss, logs, rewards in losses:
                 if loss is None:  # the policy could not even be sampled from
-                    _restore(model, good)
+                    restore_active(model, good)
                     result["guard"] = {"step": step + 1, "reason": logs["problem"], "restored": "the last good stack"}
                     break
                 opt.zero_grad(set_to_none=True)
@@ -291,10 +273,10 @@ def align_stack(model: nn.Module, tok: Tokenizer, domain: str, method: str, trai
                 checked = {"loss": float(loss.detach()), "grad_norm": norm}
                 problem = guard.problem(checked, rewards)
                 if problem is not None:
-                    _restore(model, good)  # the weights of the last step whose checks passed
+                    restore_active(model, good)  # the weights of the last step whose checks passed
                     result["guard"] = {"step": step + 1, "reason": problem, "restored": "the last good stack"}
                     break
-                good = _snapshot(model)  # these weights gave a sound loss and gradient: the last good ones
+                good = snapshot_active(model)  # these weights gave a sound loss and gradient: the last good ones
                 guard.accept(checked)
                 opt.step()
                 if after_step is not None:

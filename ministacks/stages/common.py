@@ -15,7 +15,7 @@ from pathlib import Path
 from ..data import load_split
 from ..inference.offload import MB
 from ..io import read_json
-from ..presets import PRESETS, EvalConfig, Preset, get_preset
+from ..presets import PRESETS, EvalConfig, HarnessConfig, Preset, get_preset
 from ..routing.router import ROUTER_DIR
 from ..run import load_run
 from ..stacks.manifest import content_key, file_sha256
@@ -127,7 +127,9 @@ def eval_key(sr, cfg: EvalConfig) -> str:
     The router's checksum (its tensor file's sha256) is in it because `route`, run again, writes a new
     router under the same names: without it, blocks measured with the old router would be reused as the
     new one's. Any change discards the whole file, base and ungated blocks too (one key, rather than
-    one per block keyed by what that block depends on)."""
+    one per block keyed by what that block depends on). The harness's settings (cfg.harness) are left out:
+    eval measures nothing with them, and the harness stage keys its own file by them."""
     router = sr.paths.run / ROUTER_DIR
+    settings = asdict(replace(cfg, harness=HarnessConfig()))
     return content_key(sr.paths.run, sr.manifest, file_sha256(router / "model.safetensors"),
-                       read_json(router / "config.json"), asdict(cfg))
+                       read_json(router / "config.json"), settings)

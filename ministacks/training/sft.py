@@ -134,7 +134,7 @@ def lr_factor(step: int, cfg: StackTrainConfig) -> float:
     return max(0.0, (cfg.steps - step) / max(1, cfg.steps - cfg.warmup_steps))
 
 
-def _snapshot(model: nn.Module) -> list[dict[str, torch.Tensor]]:
+def snapshot_active(model: nn.Module) -> list[dict[str, torch.Tensor]]:
     """A copy of the active stack: one state_dict per stacked layer, in `stacked_layers` order.
 
     Deep-copied because state_dict() hands back the live parameters, which AdamW updates in place: an
@@ -142,20 +142,20 @@ def _snapshot(model: nn.Module) -> list[dict[str, torch.Tensor]]:
     return [copy.deepcopy(layer.active.state_dict()) for layer in stacked_layers(model)]
 
 
-def _restore(model: nn.Module, snap: list[dict[str, torch.Tensor]]) -> None:
-    """Load a `_snapshot` back into the active stack (same model, so the same layer order)."""
+def restore_active(model: nn.Module, snap: list[dict[str, torch.Tensor]]) -> None:
+    """Load a `snapshot_active` back into the active stack (same model, so the same layer order)."""
     for layer, sd in zip(stacked_layers(model), snap):
         layer.active.load_state_dict(sd)
 
 
-def _flatten(prefix: str, snap: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+def flatten_snapshot(prefix: str, snap: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """A snapshot as the flat {name: tensor} safetensors stores, names `prefix.layer.key`: the prefix keeps
     the active stack ("active") and the best snapshot ("best") apart in one checkpoint file."""
     return {f"{prefix}.{i}.{k}": v for i, sd in enumerate(snap) for k, v in sd.items()}
 
 
-def _unflatten(prefix: str, tensors: dict[str, torch.Tensor], n_layers: int) -> list[dict[str, torch.Tensor]]:
-    """The inverse of `_flatten` for one prefix; the file's other tensors (the other prefix, "rng") are skipped."""
+def unflatten_snapshot(prefix: str, tensors: dict[str, torch.Tensor], n_layers: int) -> list[dict[str, torch.Tensor]]:
+    """The inverse of `flatten_snapshot` for one prefix; the file's other tensors (the other prefix, "rng") are skipped."""
     snap: list[dict[str, torch.Tensor]] = [{} for _ in range(n_layers)]
     for name, v in tensors.items():
         if name.startswith(prefix + "."):
@@ -241,7 +241,7 @@ def train_round(
     # "Best" starts at the pre-round loss, paired with a snapshot of the fresh stack, whose B matrices are
     # zero: an exact identity. A round none of whose evaluations beats `pre` restores that snapshot and so
     # leaves the model as it found it; the released code starts at +inf and cannot (docs/brainstacks.md §3).
-    best_snap, bad, seconds, start, finished = _snapshot(model), 0, 0.0, 0, False
+    best_snap, bad, seconds, start, finished = snapshot_active(model), 0, 0.0, 0, False
     # AdamW holds the active stack alone: the base and the frozen stacks never move (docs/brainstacks.md §2,
     # §4) by construction, and its two moments per parameter cost one stack's memory and checkpoint space,
     # however many stacks the model holds.
@@ -257,8 +257,8 @@ def train_round(
     if ckpt is not None:
         # the loop's state at the last evaluation, loaded into the stack just added (its fresh init is
         # overwritten): the stack then, the best snapshot, AdamW's moments, the generator, the guard
-        _restore(model, _unflatten("active", ckpt.model, len(layers)))
-        best_snap = _unflatten("best", ckpt.model, len(layers))
+        restore_active(model, unflatten_snapshot("active", ckpt.model, len(layers)))
+        best_snap = unflatten_snapshot("best", ckpt.model, len(layers))
         optimizer_from_tensors(opt, *ckpt.optimizer)
         # torch's CPU generator: routing noise drawn on the CPU continues as if never interrupted
         torch.set_rng_state(ckpt.model["rng"])
@@ -272,7 +272,7 @@ def train_round(
         done round runs no step and no evaluation, it restores the best snapshot and returns the result."""
         if ckpt_dir is None or rank != 0:  # one writer: every process holds the same state
             return
-        tensors = {**_flatten("active", _snapshot(model)), **_flatten("best", best_snap), "rng": torch.get_rng_state()}
+        tensors = {**flatten_snapshot("active", snapshot_active(model)), **flatten_snapshot("best", best_snap), "rng": torch.get_rng_state()}
         state = {"identity": identity, "result": result.to_dict(), "bad": bad, "seconds": seconds, "finished": done}
         save_checkpoint(ckpt_dir, step, tensors, opt, state)
 
@@ -299,7 +299,7 @@ def train_round(
         model.train(True)  # val_loss is the caller's: it may leave the model in eval mode
         result.val_curve.append([step + 1, v])
         if v < result.best_loss:  # strictly lower: on a tie the earlier snapshot stays
-            result.best_loss, result.best_step, best_snap, bad = v, step + 1, _snapshot(model), 0
+            result.best_loss, result.best_step, best_snap, bad = v, step + 1, snapshot_active(model), 0
         else:
             bad += 1  # evaluations since the last improvement
         # The guard (docs/brainstacks.md §3). A spike, the loss more than `spike` above the best, means the
@@ -322,7 +322,7 @@ def train_round(
     bar.close()
     # The stack left active (the one boost_domain freezes) is the best, not the last: its validation loss
     # is result.best_loss, and when best_step is 0 it is the zero-init identity.
-    _restore(model, best_snap)
+    restore_active(model, best_snap)
     model.train(False)
     result.seconds_per_step = seconds / max(1, result.steps_run)  # training time only, summed across resumes
     return result

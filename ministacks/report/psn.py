@@ -1,0 +1,72 @@
+"""PSN v1 in the report: OUT/psn.png and report.md's section (docs/brainstacks.md §8).
+
+    plot_psn     left: per domain, the validation loss before its first stack and after its last, on the
+                 random base and on the pretrained one; right: the two forgetting matrices
+    psn_section  the same numbers in a table, one sentence per domain generated from them, and each run's
+                 greedy answer to one validation prompt per domain beside the reference
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+
+from .paper import PAPER_PSN
+from .plots import _heat, _save
+
+RUNS = (("random", "random base"), ("pretrained", "pretrained base"))
+
+
+def plot_psn(v1: dict, path: str | Path) -> Path:
+    domains = v1["random"]["domains"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
+    x = range(len(domains))
+    for k, (key, label) in enumerate(RUNS):
+        r = v1[key]
+        shift = -0.2 if k == 0 else 0.2
+        axes[0].bar([i + shift for i in x], [r["after"][d] for d in domains], width=0.4, label=f"{label}: after its stacks")
+        axes[0].scatter([i + shift for i in x], [r["before"][d] for d in domains], marker="_", s=300, color="black",
+                        zorder=3, label="before its first stack" if k == 0 else None)
+    axes[0].set_xticks(list(x), domains)
+    axes[0].set_ylabel("validation loss (nats per token)")
+    axes[0].set_title("PSN v1: each domain's stacks on a random vs a pretrained base")
+    axes[0].legend(fontsize=7)
+    for ax, (key, label) in zip(axes[1:], RUNS):
+        _heat(ax, v1[key]["forgetting"], domains, domains, f"forgetting matrix, {label}")
+    return _save(fig, Path(path))
+
+
+def psn_section(result: dict | None, plot: str | None = "psn.png") -> str:
+    lines = ["## PSN v1: Brainstacks from random initialisation", ""]
+    if not result or "v1" not in result:
+        return "\n".join(lines + ["Not run.", ""])
+    v1 = result["v1"]
+    rnd, pre = v1["random"], v1["pretrained"]
+    lines += [f"The paper: {PAPER_PSN['v1']}", "",
+              "| domain | random base: before → after its stacks | pretrained base: before → after |",
+              "|---|---|---|"]
+    for d in rnd["domains"]:
+        lines.append(f"| {d} | {rnd['before'][d]:.3f} → {rnd['after'][d]:.3f} | {pre['before'][d]:.3f} → {pre['after'][d]:.3f} |")
+    lines.append("")
+    for d in rnd["domains"]:
+        gain_r, gain_p = rnd["before"][d] - rnd["after"][d], pre["before"][d] - pre["after"][d]
+        gap = rnd["after"][d] - pre["after"][d]
+        lines.append(f"- {d}: the stacks lower the random base's loss by {gain_r:.3f} nats and the pretrained base's "
+                     f"by {gain_p:.3f}; the random base ends {abs(gap):.3f} nats "
+                     f"{'above' if gap > 0 else 'below'} the pretrained one.")
+    lines += ["", "Greedy answers, all stacks on (first validation prompt of each domain):", ""]
+    for d in rnd["domains"]:
+        s_r, s_p = rnd["samples"][d], pre["samples"][d]
+        lines += [f"- **{d}** — prompt: `{_one_line(s_r['prompt'])}`",
+                  f"  - random base: `{_one_line(s_r['answer'])}`",
+                  f"  - pretrained base: `{_one_line(s_p['answer'])}`",
+                  f"  - reference: `{_one_line(s_r['reference'])}`"]
+    if plot:
+        lines += ["", f"![PSN v1]({plot})"]
+    return "\n".join(lines + [""])
+
+
+def _one_line(text: str, n: int = 120) -> str:
+    text = " ".join(text.split()).replace("`", "'")
+    return text if len(text) <= n else text[: n - 1] + "…"

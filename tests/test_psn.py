@@ -1,0 +1,57 @@
+"""PSN v1: the random base really is the untrained network pretraining started from, and the psn command puts
+the continual run on it beside the same run on the pretrained base."""
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+from ministacks.lm.base import load_base
+from ministacks.lm.model import Transformer
+from ministacks.presets import SMOKE, with_vocab
+from ministacks.stages.pretrain import ensure_base
+from ministacks.stages.psn import RANDOM, psn_v1, write_random_base
+
+PRESET = replace(SMOKE, continual=replace(SMOKE.continual, domains=("chat", "math"), rounds=1, steps=4, ns_examples=8),
+                 stack=replace(SMOKE.stack, eval_every=2, max_val_examples=8))
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("psn")
+    ensure_base(PRESET, folder, progress=False)
+    return folder
+
+
+def test_the_random_base_is_untrained_and_shares_the_tokenizer(out):
+    folder = out / RANDOM
+    write_random_base(PRESET, out, folder)
+    random_model, tok = load_base(folder)
+    pretrained, _ = load_base(out)
+    assert (folder / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+    torch.manual_seed(PRESET.pretrain.seed)
+    fresh = Transformer(with_vocab(PRESET, tok.vocab_size).model)  # the network as pretraining initialises it
+    for (name, a), b, c in zip(random_model.state_dict().items(), fresh.state_dict().values(),
+                               pretrained.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(random_model.state_dict().values(), pretrained.state_dict().values()))
+    record = json.loads((folder / "base" / "config.json").read_text())
+    assert record["pretrain"]["steps"] == 0
+    assert not (folder / "checkpoints").exists()  # nothing was pretrained there
+
+
+def test_psn_v1_puts_both_runs_side_by_side(out, capsys):
+    r = psn_v1(PRESET, out, progress=False)["v1"]
+    rnd, pre = r["random"], r["pretrained"]
+    assert rnd["domains"] == pre["domains"] == ["chat", "math"]
+    for run in (rnd, pre):
+        assert all(math.isfinite(run["before"][d]) and math.isfinite(run["after"][d]) for d in run["domains"])
+        assert len(run["forgetting"]) == 2 and set(run["samples"]) == {"chat", "math"}
+    # a random base predicts tokens about uniformly: its first loss is near ln(V), far above the pretrained one's
+    vocab = load_base(out)[1].vocab_size
+    assert abs(rnd["before"]["chat"] - math.log(vocab)) < 1.0 and rnd["before"]["chat"] > pre["before"]["chat"] + 1.0
+    assert (out / "psn.png").stat().st_size > 10_000
+    saved = json.loads((out / "psn.json").read_text())
+    assert saved["v1"]["random"]["after"] == rnd["after"] and "paper" in saved
