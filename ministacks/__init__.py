@@ -48,13 +48,15 @@ round a loop): a mechanism never imports a preset, a stage or the command line.
     rewards.py     rewards that are the evaluation's checks (math, reasoning, ICD codes, HumanEval tests)
     samples.py     DPO pairs from the corpora, GRPO groups from the KV-cache generator
     guard.py       the blow-up guard; loop.py the loop, its before and after, the last good stack restored
+  psn/           PSN v2's capability blocks: blocks.py (MoE projections, the wiring), model.py (a frozen
+                 base with blocks beside it), train.py (blocks in order, kept out of each other's directions)
   report/
     findings.py    the paper's findings beside ours, with generated verdicts: report.md's first table
     report.py      report.md, every comparison sentence generated from the numbers it compares
     evaluation.py  report.md's evaluation section: every mode, general text, samples
     router.py      report.md's router section
     rl.py          report.md's RL section and its figure
-    psn.py         PSN v1's section and figure
+    psn.py         PSN's section and figures (v1 and v2)
     plots.py       the figures
     paper.py       every number quoted from the paper, in one place
   presets.py     Preset, the smoke / quick / paper presets, the evaluation's config, a Preset's record

@@ -25,6 +25,7 @@ from .data import DataConfig
 from .evaluation.humaneval import N_PROBLEMS, TIMEOUT
 from .lm.model import ModelConfig
 from .lm.pretrain import PretrainConfig
+from .psn.blocks import BlockConfig
 from .rl.loop import RLConfig
 from .routing.router import RouterConfig
 from .stacks.layer import AdapterConfig
@@ -86,6 +87,7 @@ class Preset:
     router: RouterConfig = RouterConfig()  # the meta-router: its data, targets and training
     eval: EvalConfig = EvalConfig()  # base / ungated / routed evaluation on the test split
     rl: RLConfig = RLConfig()  # DPO / GRPO on a domain's last stack (train --rl, the rl command)
+    psn: BlockConfig = BlockConfig()  # PSN v2's capability blocks and their training (psn --variant v2)
 
 
 SMOKE = Preset(
@@ -116,6 +118,7 @@ SMOKE = Preset(
     # tokens it does at 4096: 64 lets 36 of 110 reasoning training examples (6 of 20 validation) in
     rl=RLConfig(steps=4, pairs_per_step=4, prompts_per_step=2, group=4, max_new_tokens=64, n_eval=8, eval_every=2,
                 ckpt_every=2),
+    psn=BlockConfig(n_layer=1, r=4, steps=6, eval_every=3, ns_k=4),
 )
 
 QUICK_MODEL = ModelConfig(n_layer=4, d_model=256, n_head=4, n_kv_head=2, max_seq_len=256, vocab_size=4096)

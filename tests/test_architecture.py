@@ -27,6 +27,7 @@ LAYERS = (
     ("ministacks.inference",),  # a model with stacks and a router, answering prompts
     ("ministacks.evaluation",),  # task checks, HumanEval, the sandbox
     ("ministacks.rl",),  # DPO, GRPO and REINFORCE on a domain's last stack, rewards from the checks
+    ("ministacks.psn",),  # PSN v2's capability blocks beside a frozen base
     ("ministacks.report",),  # report.md, the figures, the paper's numbers
     ("ministacks.presets",),  # Preset and the smoke / quick / paper values
     ("ministacks.run",),  # a run folder that describes itself
@@ -130,7 +131,7 @@ def test_an_upward_import_is_caught_even_inside_a_function():
     pkg, src = sources["ministacks.lm.model"]
     sources["ministacks.lm.model"] = (pkg, src + "\n\ndef _planted():\n    from ..stages.route import route_stage\n")
     found = upward_imports(import_graph(sources))
-    assert found == ["ministacks.lm.model (layer 2) imports ministacks.stages.route (layer 13)"]
+    assert found == ["ministacks.lm.model (layer 2) imports ministacks.stages.route (layer 14)"]
 
 
 def test_a_planted_circle_is_caught_around_a_loop():
@@ -150,7 +151,7 @@ def test_a_type_checking_import_counts():
     graph = import_graph({"ministacks.lm.model": (False, "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
                                                          "    from ..presets import Preset\n"),
                           "ministacks.presets": (False, "")})
-    assert upward_imports(graph) == ["ministacks.lm.model (layer 2) imports ministacks.presets (layer 11)"]
+    assert upward_imports(graph) == ["ministacks.lm.model (layer 2) imports ministacks.presets (layer 12)"]
 
 
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))

@@ -55,3 +55,38 @@ def test_psn_v1_puts_both_runs_side_by_side(out, capsys):
     assert (out / "psn.png").stat().st_size > 10_000
     saved = json.loads((out / "psn.json").read_text())
     assert saved["v1"]["random"]["after"] == rnd["after"] and "paper" in saved
+
+
+def test_psn_v2_trains_a_block_per_domain_and_measures_its_oracle_gain(out):
+    from ministacks.stages.psn import V2, psn_v2
+
+    preset = replace(PRESET, continual=replace(PRESET.continual, domains=("chat", "code")))
+    previous = json.loads((out / "psn.json").read_text()) if (out / "psn.json").is_file() else {}
+    r = psn_v2(preset, out, progress=False)
+    assert list(r["oracle"]) == ["chat", "code"]
+    for d, o in r["oracle"].items():
+        assert math.isclose(o["gain"], o["without"] - o["with"]) and o["n"] > 0
+        assert r["blocks"][d]["best_loss"] <= r["blocks"][d]["pre_loss"]  # the best snapshot, or the identity
+    assert r["blocks"]["chat"]["protected"] == 0 and r["blocks"]["code"]["protected"] > 0  # code kept out of chat's
+    assert set(r["figure12"]["answers"]) == {"without", "with the code block"}
+    assert (out / V2 / "blocks" / "code.safetensors").is_file() and (out / "psn_v2.png").stat().st_size > 10_000
+    again = psn_v2(preset, out, progress=False)  # the blocks load from their files: the same numbers
+    assert again["oracle"] == r["oracle"]
+    saved = json.loads((out / "psn.json").read_text())
+    assert "v2" in saved and saved.get("v1") == previous.get("v1")  # v2 is added beside v1's result, never over it
+
+
+def test_the_report_section_is_generated_from_psn_json(out):
+    from ministacks.report.psn import psn_section
+    from ministacks.stages.psn import psn_v2
+
+    psn_v1(PRESET, out, progress=False)  # both runs are finished by the tests above: this only reads them
+    psn_v2(replace(PRESET, continual=replace(PRESET.continual, domains=("chat", "code"))), out, progress=False)
+    saved = json.loads((out / "psn.json").read_text())
+    text = psn_section(saved)
+    for d in saved["v1"]["random"]["domains"]:
+        gain = saved["v1"]["random"]["before"][d] - saved["v1"]["random"]["after"][d]
+        assert f"lower the random base's loss by {gain:.3f} nats" in text
+    for d, o in saved["v2"]["oracle"].items():
+        assert f"| {d} | {o['without']:.3f} | {o['with']:.3f} | {o['gain']:+.3f} |" in text
+    assert "Figure 12" in text and "## PSN v2" in text

@@ -1,9 +1,11 @@
-"""PSN v1 in the report: OUT/psn.png and report.md's section (docs/brainstacks.md §8).
+"""PSN in the report: OUT/psn.png (v1), OUT/psn_v2.png (v2) and report.md's section (docs/brainstacks.md §8).
 
     plot_psn     left: per domain, the validation loss before its first stack and after its last, on the
                  random base and on the pretrained one; right: the two forgetting matrices
-    psn_section  the same numbers in a table, one sentence per domain generated from them, and each run's
-                 greedy answer to one validation prompt per domain beside the reference
+    plot_psn_v2  per domain, the test loss without any block and with its own block (the oracle gain), and
+                 each block's validation curve
+    psn_section  the same numbers in tables, one sentence per domain generated from them, each run's greedy
+                 answer to one validation prompt per domain beside the reference, and v2's Figure 12
 """
 
 from __future__ import annotations
@@ -37,10 +39,56 @@ def plot_psn(v1: dict, path: str | Path) -> Path:
     return _save(fig, Path(path))
 
 
-def psn_section(result: dict | None, plot: str | None = "psn.png") -> str:
+def plot_psn_v2(v2: dict, path: str | Path) -> Path:
+    domains = list(v2["oracle"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), dpi=110)
+    x = range(len(domains))
+    axes[0].bar([i - 0.2 for i in x], [v2["oracle"][d]["without"] for d in domains], width=0.4, label="no block")
+    axes[0].bar([i + 0.2 for i in x], [v2["oracle"][d]["with"] for d in domains], width=0.4, label="its own block")
+    axes[0].set_xticks(list(x), domains)
+    axes[0].set_ylabel("test loss (nats per token)")
+    axes[0].set_title("PSN v2: the oracle gain of each capability block")
+    axes[0].legend(fontsize=8)
+    for d in domains:
+        steps, losses = zip(*v2["blocks"][d]["val_curve"])
+        axes[1].plot(steps, losses, "o-", ms=3, label=d)
+    axes[1].set_xlabel("block training step")
+    axes[1].set_ylabel("validation loss")
+    axes[1].set_title("each block's training (earlier blocks off)")
+    axes[1].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    return _save(fig, Path(path))
+
+
+def psn_v2_lines(v2: dict, plot: str | None) -> list[str]:
+    low, high = PAPER_PSN["v2"]["oracle_gain_nats"]
+    lines = ["## PSN v2: capability blocks over a base pretrained on general text alone", "",
+             f"The paper: oracle gains of +{low} to +{high} nats per domain; the router 100% top-1 on single-domain "
+             "prompts and 100% set match on mixed ones.", "",
+             "| domain | test loss, no block | with its own block | oracle gain (nats) | n |", "|---|---:|---:|---:|---:|"]
+    for d, o in v2["oracle"].items():
+        lines.append(f"| {d} | {o['without']:.3f} | {o['with']:.3f} | {o['gain']:+.3f} | {o['n']} |")
+    gains = [o["gain"] for o in v2["oracle"].values()]
+    inside = sum(low <= g <= high for g in gains)
+    lines += ["", f"Our gains run from {min(gains):+.3f} to {max(gains):+.3f} nats; {inside} of {len(gains)} fall in the "
+              f"paper's range (its base and blocks are far larger: a model on TinyStories and ~100M-parameter blocks). "
+              f"The router over the blocks: {v2['router']}."]
+    if v2.get("figure12"):
+        f = v2["figure12"]
+        lines += ["", f"Figure 12's analogue, a code prompt: `{_one_line(f['prompt'])}`", ""]
+        lines += [f"- {name}: `{_one_line(a)}`" for name, a in f["answers"].items()]
+        lines.append(f"- reference: `{_one_line(f['reference'])}`")
+    if plot:
+        lines += ["", f"![PSN v2]({plot})"]
+    return lines + [""]
+
+
+def psn_section(result: dict | None, plot: str | None = "psn.png", plot_v2: str | None = "psn_v2.png") -> str:
+    v2 = psn_v2_lines(result["v2"], plot_v2) if result and "v2" in result else []
     lines = ["## PSN v1: Brainstacks from random initialisation", ""]
     if not result or "v1" not in result:
-        return "\n".join(lines + ["Not run.", ""])
+        return "\n".join(lines + ["Not run.", ""] + v2)
     v1 = result["v1"]
     rnd, pre = v1["random"], v1["pretrained"]
     lines += [f"The paper: {PAPER_PSN['v1']}", "",
@@ -64,7 +112,7 @@ def psn_section(result: dict | None, plot: str | None = "psn.png") -> str:
                   f"  - reference: `{_one_line(s_r['reference'])}`"]
     if plot:
         lines += ["", f"![PSN v1]({plot})"]
-    return "\n".join(lines + [""])
+    return "\n".join(lines + [""] + v2)
 
 
 def _one_line(text: str, n: int = 120) -> str:

@@ -15,7 +15,13 @@ The paper's v1 (a GPT-2-size model, six domains) converges per domain but answer
 refine a pretrained geometry and cannot stand in for one. What v1 measures here is how far each domain's
 stacks bring a random base against how far they bring a pretrained one, on the same losses.
 
-Variant v2 (capability blocks over a base pretrained on the general corpus alone) is not built yet.
+v2: capability blocks (psn/blocks.py) over a base pretrained on the general corpus alone (OUT/psn/v2: the
+preset's pretraining with no templated domain examples), one block per domain in order, each kept out of the
+earlier blocks' output directions (psn/train.py), saved as OUT/psn/v2/blocks/DOMAIN.safetensors as it is
+trained (a rerun loads the finished ones). On each domain's test split: the oracle gain, the loss without
+any block minus the loss with the domain's own block (the paper: +2.4 to +5.2 nats); and the analogue of the
+paper's Figure 12, a code prompt answered with and without the code block. The meta-router over the blocks
+is not built yet.
 """
 
 from __future__ import annotations
@@ -26,19 +32,22 @@ from pathlib import Path
 import torch
 
 from ..data import load_split, raw_prompt
-from ..io import atomic_write_bytes, atomic_write_json, read_json
-from ..lm.base import has_base, save_base
+from ..io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, load_tensors, read_json
+from ..lm.base import has_base, load_base, save_base
 from ..lm.model import Transformer
 from ..lm.tokenizer import Tokenizer
 from ..presets import Preset, with_vocab
 from ..report.paper import PAPER_PSN
-from ..report.psn import plot_psn
+from ..psn.model import PSNModel
+from ..psn.train import block_directions, train_block, united_basis
+from ..report.psn import plot_psn, plot_psn_v2
 from ..run import load_run
-from .common import add_preset_args, preset_of, writable_folder
+from ..training.examples import ExampleSet, example_loss
+from .common import add_preset_args, domain_data, preset_of, writable_folder
 from .continual import run_continual
 from .pretrain import ensure_base
 
-HELP = "PSN v1: the continual run on a randomly initialised base, beside the pretrained one"
+HELP = "PSN: stacks on a random base beside a pretrained one (v1); capability blocks (v2)"
 RANDOM = Path("psn") / "random"
 
 
@@ -95,14 +104,85 @@ def psn_v1(preset: Preset, out: str | Path, progress: bool = True) -> dict:
     return result
 
 
+V2 = Path("psn") / "v2"
+
+
+def general_preset(preset: Preset) -> Preset:
+    """v2's base: the preset's pretraining on the general corpus alone (no Alpaca-formatted domain examples)."""
+    return replace(preset, pretrain=replace(preset.pretrain, template_share=0.0))
+
+
+def psn_v2(preset: Preset, out: str | Path, progress: bool = True) -> dict:
+    """The blocks in order (each resumed from its file when trained), the oracle gains, Figure 12's analogue."""
+    out = Path(out)
+    folder, cfg, gp = out / V2, preset.psn, general_preset(preset)
+    ensure_base(gp, folder, progress)
+    base, tok = load_base(folder)
+    model = PSNModel(base.eval())
+    record_path = folder / "blocks.json"
+    blocks = read_json(record_path) if record_path.is_file() else {}
+    directions = []
+    for i, domain in enumerate(preset.continual.domains):
+        train, val = domain_data(gp, tok, domain, preset.stack)
+        basis = united_basis(directions, base.cfg.d_model)
+        path = folder / "blocks" / f"{domain}.safetensors"
+        if domain in blocks and path.is_file():  # trained before: the same block, the same basis
+            block = model.add_block(domain, cfg)
+            block.basis = basis
+            block.load_state_dict(load_tensors(path))
+        else:
+            blocks[domain] = train_block(model, domain, train, val, cfg, basis, seed=i, progress=progress)
+            atomic_save_tensors(path, {k: v.contiguous() for k, v in model.blocks[domain].state_dict().items()})
+            atomic_write_json(record_path, blocks)  # the record after the file: a record always has its block
+        directions.append(block_directions(model, domain, val, cfg.ns_k))
+    oracle = {}
+    for domain in preset.continual.domains:  # on the test split, which no block was trained or chosen on
+        test = ExampleSet(tok, load_split(domain, "test", gp.data)[: preset.eval.n_loss], preset.stack.completion_only,
+                          base.cfg.max_seq_len)
+        model.weights = {}
+        without = example_loss(model, test)
+        model.weights = {domain: 1.0}
+        with_block = example_loss(model, test)
+        oracle[domain] = {"without": without, "with": with_block, "gain": without - with_block, "n": len(test.scored)}
+    result = {"domains": list(preset.continual.domains), "blocks": blocks, "oracle": oracle,
+              "figure12": _figure12(model, tok, gp) if "code" in model.blocks else None,
+              "router": "not built yet", "base": str(folder)}
+    path = out / "psn.json"
+    previous = read_json(path) if path.is_file() else {}
+    atomic_write_json(path, {**previous, "v2": result, "paper": PAPER_PSN})
+    plot_psn_v2(result, out / "psn_v2.png")
+    return result
+
+
+def _figure12(model: PSNModel, tok, preset: Preset) -> dict:
+    """The paper's Figure 12: a code prompt answered by the base alone and with the code block (greedy)."""
+    ex = load_split("code", "test", preset.data)[0]
+    ids = torch.tensor([tok.encode(ex.prompt(), bos=True)])
+    room = min(64, model.cfg.max_seq_len - ids.shape[1])
+    answers = {}
+    for name, weights in (("without", {}), ("with the code block", {"code": 1.0})):
+        model.weights = weights
+        out = model.generate(ids, room, eos_id=tok.eos_id, repetition_penalty=preset.eval.repetition_penalty)
+        answers[name] = tok.decode([t for t in out[0, ids.shape[1]:].tolist() if t != tok.eos_id])
+    return {"prompt": raw_prompt(ex), "reference": ex.response, "answers": answers}
+
+
 def add_args(p) -> None:
     add_preset_args(p, "runs/demo")
-    p.add_argument("--variant", choices=["v1"], default="v1",
-                   help="v1: stacks on a randomly initialised base beside the pretrained one (v2 is not built yet)")
+    p.add_argument("--variant", choices=["v1", "v2"], default="v1",
+                   help="v1: stacks on a randomly initialised base beside the pretrained one; v2: capability "
+                        "blocks over a base pretrained on the general corpus alone")
 
 
 def main(args) -> int:
     out = writable_folder(args.out)
+    if args.variant == "v2":
+        r2 = psn_v2(preset_of(args), out, progress=not args.no_progress)
+        print("oracle gain per domain (test loss without any block − with the domain's own block):")
+        for d, o in r2["oracle"].items():
+            print(f"  {d:10s} {o['without']:.3f} − {o['with']:.3f} = {o['gain']:+.3f} nats")
+        print(f"wrote {out / 'psn.json'} and {out / 'psn_v2.png'}")
+        return 0
     r = psn_v1(preset_of(args), out, progress=not args.no_progress)["v1"]
     print("validation loss per domain, before its first stack -> after its last (all earlier stacks on):")
     for d in r["random"]["domains"]:
