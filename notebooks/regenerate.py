@@ -1,6 +1,6 @@
 """Execute the notebooks in order at the `quick` preset and write their outputs back into them.
 
-    .venv/bin/python notebooks/regenerate.py                 # all five, in order
+    .venv/bin/python notebooks/regenerate.py                 # all of them, in order
     .venv/bin/python notebooks/regenerate.py --preset smoke  # a dry run in a few minutes: writes nothing
 
 The notebooks are committed executed at `quick`, so a reader sees the expected figures without running
@@ -39,6 +39,7 @@ NOTEBOOKS = (
     "03_residual_boosting",
     "04_continual_nullspace",
     "05_meta_router",
+    "06_psn",
     "07_rl",
     "08_scale",
 )

@@ -70,7 +70,7 @@ def write_random_base(preset: Preset, out: Path, folder: Path) -> None:
                               "pretrain": asdict(random_preset(preset).pretrain)})
 
 
-def _summary(run: Path, manifest: dict) -> dict:
+def run_summary(run: Path, manifest: dict) -> dict:
     """Per domain: the loss before its first stack and after its last, the forgetting matrix, a greedy answer."""
     domains = manifest["domains"]
     first = {d: next(s for s in manifest["stacks"] if s["domain"] == d) for d in domains}
@@ -95,8 +95,8 @@ def psn_v1(preset: Preset, out: str | Path, progress: bool = True) -> dict:
     write_random_base(preset, out, folder)
     random_run = run_continual(random_preset(preset), folder, folder, progress)
     pretrained_run = run_continual(preset, out, out / "nullspace", progress)
-    result = {"v1": {"random": _summary(folder, random_run), "pretrained": _summary(out / "nullspace", pretrained_run)},
-              "paper": PAPER_PSN}
+    result = {"v1": {"random": run_summary(folder, random_run),
+                     "pretrained": run_summary(out / "nullspace", pretrained_run)}, "paper": PAPER_PSN}
     path = out / "psn.json"
     previous = read_json(path) if path.is_file() else {}
     atomic_write_json(path, {**previous, **result})
@@ -116,8 +116,10 @@ def psn_v2(preset: Preset, out: str | Path, progress: bool = True) -> dict:
     """The blocks in order (each resumed from its file when trained), the oracle gains, Figure 12's analogue."""
     out = Path(out)
     folder, cfg, gp = out / V2, preset.psn, general_preset(preset)
-    ensure_base(gp, folder, progress)
-    base, tok = load_base(folder)
+    # a preset that pretrains on general text alone already (smoke) has v2's base in OUT: no second pretraining
+    base_folder = out if gp.pretrain == preset.pretrain else folder
+    ensure_base(gp, base_folder, progress)
+    base, tok = load_base(base_folder)
     model = PSNModel(base.eval())
     record_path = folder / "blocks.json"
     blocks = read_json(record_path) if record_path.is_file() else {}
@@ -145,8 +147,8 @@ def psn_v2(preset: Preset, out: str | Path, progress: bool = True) -> dict:
         with_block = example_loss(model, test)
         oracle[domain] = {"without": without, "with": with_block, "gain": without - with_block, "n": len(test.scored)}
     result = {"domains": list(preset.continual.domains), "blocks": blocks, "oracle": oracle,
-              "figure12": _figure12(model, tok, gp) if "code" in model.blocks else None,
-              "router": "not built yet", "base": str(folder)}
+              "figure12": figure12(model, tok, gp) if "code" in model.blocks else None,
+              "router": "not built yet", "base": str(base_folder)}
     path = out / "psn.json"
     previous = read_json(path) if path.is_file() else {}
     atomic_write_json(path, {**previous, "v2": result, "paper": PAPER_PSN})
@@ -154,7 +156,7 @@ def psn_v2(preset: Preset, out: str | Path, progress: bool = True) -> dict:
     return result
 
 
-def _figure12(model: PSNModel, tok, preset: Preset) -> dict:
+def figure12(model: PSNModel, tok, preset: Preset) -> dict:
     """The paper's Figure 12: a code prompt answered by the base alone and with the code block (greedy)."""
     ex = load_split("code", "test", preset.data)[0]
     ids = torch.tensor([tok.encode(ex.prompt(), bos=True)])
