@@ -69,6 +69,9 @@ def test_psn_v2_trains_a_block_per_domain_and_measures_its_oracle_gain(out):
         assert r["blocks"][d]["best_loss"] <= r["blocks"][d]["pre_loss"]  # the best snapshot, or the identity
     assert r["blocks"]["chat"]["protected"] == 0 and r["blocks"]["code"]["protected"] > 0  # code kept out of chat's
     assert set(r["figure12"]["answers"]) == {"without", "with the code block"}
+    router = r["router"]  # the meta-router over the blocks, scored on held-out prompts
+    assert 0.0 <= router["single_top1"] <= 1.0 and router["n_prompts"]["val"] > 0
+    assert set(router["oracle"]) == {"chat", "code"}  # each domain's winning block combinations
     assert (out / V2 / "blocks" / "code.safetensors").is_file() and (out / "psn_v2.png").stat().st_size > 10_000
     again = psn_v2(preset, out, progress=False)  # the blocks load from their files: the same numbers
     assert again["oracle"] == r["oracle"]
@@ -90,3 +93,4 @@ def test_the_report_section_is_generated_from_psn_json(out):
     for d, o in saved["v2"]["oracle"].items():
         assert f"| {d} | {o['without']:.3f} | {o['with']:.3f} | {o['gain']:+.3f} |" in text
     assert "Figure 12" in text and "## PSN v2" in text
+    assert f"single-domain top-1 {saved['v2']['router']['single_top1']:.0%}" in text

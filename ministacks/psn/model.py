@@ -10,12 +10,16 @@ through the blocks: they are small, and PSN answers few prompts).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..lm.decode import decode
 from ..lm.model import ModelOutput, Transformer
+from ..stacks.layer import StacksOn
 from .blocks import BlockConfig, CapabilityBlock
 
 
@@ -78,3 +82,15 @@ class PSNModel(nn.Module):
         return decode(lambda step, seq: self(seq).logits[:, -1], input_ids, max_new_tokens, self.cfg.max_seq_len,
                       temperature=temperature, top_k=top_k, repetition_penalty=repetition_penalty, eos_id=eos_id,
                       generator=generator)
+
+
+@contextmanager
+def blocks_on(model: PSNModel, on: StacksOn) -> Iterator[PSNModel]:
+    """The blocks switched as the stacks' StacksOn says (ungated: every block at 1; base only: none; weighted: those
+    weights), the previous switches back afterwards: what the router's oracle runs every combination in."""
+    before = dict(model.weights)
+    model.weights = {d: on.weight_of(d) for d in model.blocks}
+    try:
+        yield model
+    finally:
+        model.weights = before

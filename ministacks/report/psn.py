@@ -72,8 +72,14 @@ def psn_v2_lines(v2: dict, plot: str | None) -> list[str]:
     gains = [o["gain"] for o in v2["oracle"].values()]
     inside = sum(low <= g <= high for g in gains)
     lines += ["", f"Our gains run from {min(gains):+.3f} to {max(gains):+.3f} nats; {inside} of {len(gains)} fall in the "
-              f"paper's range (its base and blocks are far larger: a model on TinyStories and ~100M-parameter blocks). "
-              f"The router over the blocks: {v2['router']}."]
+              f"paper's range (its base and blocks are far larger: a model on TinyStories and ~100M-parameter blocks)."]
+    r = v2.get("router")
+    if isinstance(r, dict):
+        n = r["n_prompts"]
+        lines += ["", f"The meta-router over the blocks, on held-out prompts ({n['val']} of {n['single'] + n['mixed']}): "
+                  f"single-domain top-1 {r['single_top1']:.0%} and mixed-prompt set match {r['mixed_set_match']:.0%} "
+                  f"against the oracle's targets (the paper: 100% and 100%); against the prompts' domain labels "
+                  f"{r['label_top1']:.0%} and {r['label_set_match']:.0%}."]
     if v2.get("figure12"):
         f = v2["figure12"]
         lines += ["", f"Figure 12's analogue, a code prompt: `{_one_line(f['prompt'])}`", ""]

@@ -39,7 +39,8 @@ measured on our own data.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -74,14 +75,16 @@ class ComboLosses:
     """Per-example losses under stack combinations, each computed once on the whole ExampleSet.
 
     `chat_floor`: chat's weight in every non-empty combination is at least this (None: no floor); a run
-    without a chat domain has nothing to floor."""
+    without a chat domain has nothing to floor. `switch(model, on)`: the context in which the model runs
+    as StacksOn `on` says — the stacks' own `stacks_on` by default; PSN's capability blocks bring theirs."""
 
-    def __init__(self, model: nn.Module, data: ExampleSet, chat_floor: float | None = None):
+    def __init__(self, model: nn.Module, data: ExampleSet, chat_floor: float | None = None,
+                 switch: Callable[[nn.Module, StacksOn], AbstractContextManager] = stacks_on):
         empty = int((data.scored == 0).sum())
         if empty:  # its loss would be 0 under every combination, and the base would "win" it
             raise ValueError(f"{empty} example(s) have no scored token (the answer does not fit in the context): "
                              "leave them out (see stages.route.answerable)")
-        self.model, self.data, self.chat_floor = model, data, chat_floor
+        self.model, self.data, self.chat_floor, self.switch = model, data, chat_floor, switch
         self.table: dict[tuple[str, ...], torch.Tensor] = {}  # combination -> [N]
 
     @classmethod
@@ -96,7 +99,7 @@ class ComboLosses:
             if self.model is None:
                 raise KeyError(f"combination {combo_name(combo)} was never measured")
             on = StacksOn.base_only() if combo == BASE else StacksOn.weighted(combo_weights(combo, self.chat_floor))
-            with stacks_on(self.model, on):
+            with self.switch(self.model, on):
                 self.table[combo] = example_losses(self.model, self.data)
         return self.table[combo]
 

@@ -20,8 +20,9 @@ preset's pretraining with no templated domain examples), one block per domain in
 earlier blocks' output directions (psn/train.py), saved as OUT/psn/v2/blocks/DOMAIN.safetensors as it is
 trained (a rerun loads the finished ones). On each domain's test split: the oracle gain, the loss without
 any block minus the loss with the domain's own block (the paper: +2.4 to +5.2 nats); and the analogue of the
-paper's Figure 12, a code prompt answered with and without the code block. The meta-router over the blocks
-is not built yet.
+paper's Figure 12, a code prompt answered with and without the code block; and the meta-router over the
+blocks (`block_router`: the route stage's oracle and training, the blocks switched in place of stacks), its
+single-domain top-1 and mixed-prompt set match on held-out prompts (the paper: 100% and 100%).
 """
 
 from __future__ import annotations
@@ -31,21 +32,23 @@ from pathlib import Path
 
 import torch
 
-from ..data import load_split, raw_prompt
+from ..data import MIXED_KINDS, load_split, mixed_prompts, raw_prompt
 from ..io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, load_tensors, read_json
 from ..lm.base import has_base, load_base, save_base
 from ..lm.model import Transformer
 from ..lm.tokenizer import Tokenizer
 from ..presets import Preset, with_vocab
 from ..report.paper import PAPER_PSN
-from ..psn.model import PSNModel
+from ..psn.model import PSNModel, blocks_on
 from ..psn.train import block_directions, train_block, united_basis
 from ..report.psn import plot_psn, plot_psn_v2
+from ..routing.oracle import ComboLosses, find_targets, oracle_floor, winning_shares
 from ..run import load_run
 from ..training.examples import ExampleSet, example_loss
 from .common import add_preset_args, domain_data, preset_of, writable_folder
 from .continual import run_continual
 from .pretrain import ensure_base
+from .route import answerable, fit_router
 
 HELP = "PSN: stacks on a random base beside a pretrained one (v1); capability blocks (v2)"
 RANDOM = Path("psn") / "random"
@@ -148,12 +151,34 @@ def psn_v2(preset: Preset, out: str | Path, progress: bool = True) -> dict:
         oracle[domain] = {"without": without, "with": with_block, "gain": without - with_block, "n": len(test.scored)}
     result = {"domains": list(preset.continual.domains), "blocks": blocks, "oracle": oracle,
               "figure12": figure12(model, tok, gp) if "code" in model.blocks else None,
-              "router": "not built yet", "base": str(base_folder)}
+              "router": block_router(model, tok, gp, progress), "base": str(base_folder)}
     path = out / "psn.json"
     previous = read_json(path) if path.is_file() else {}
     atomic_write_json(path, {**previous, "v2": result, "paper": PAPER_PSN})
     plot_psn_v2(result, out / "psn_v2.png")
     return result
+
+
+def block_router(model: PSNModel, tok, preset: Preset, progress: bool = True) -> dict:
+    """The meta-router over the blocks, as `route` trains it over stacks (stages/route.py's fit_router): the
+    oracle tries every combination of blocks on each validation answer (blocks_on switches them as StacksOn
+    says, chat at its inference floor), the router learns those outcomes and the mixed prompts' labels from
+    the frozen base's features. Returns its scores on held-out prompts and the oracle's winning combinations."""
+    cfg, domains = preset.router, tuple(model.blocks)
+    torch.manual_seed(cfg.seed)
+    singles = answerable(tok, [ex for d in domains for ex in load_split(d, "val", preset.data)[: cfg.prompts_per_domain]],
+                         preset.stack.seq_len)
+    kinds = [k for k, labels in MIXED_KINDS.items() if set(labels) <= set(domains)]
+    mixed = [m for m in mixed_prompts(preset.data, "val", cfg.mixed_per_kind, seed=cfg.seed) if m.kind in kinds]
+    data = ExampleSet(tok, singles, completion_only=True, max_len=preset.stack.seq_len)
+    labels = [ex.domain for ex in singles]
+    oracle = find_targets(ComboLosses(model, data, oracle_floor(cfg, domains), switch=blocks_on), labels, domains, cfg)
+    _, fit = fit_router(model.base, tok, domains, singles, mixed, oracle, cfg, progress)
+    final = fit["final"]
+    return {"single_top1": final["single_top1"], "mixed_set_match": final["mixed_set_match"],
+            "label_top1": final["label_top1"], "label_set_match": final["label_set_match"],
+            "best_epoch": fit["best_epoch"], "n_prompts": fit["n_prompts"], "mixed_kinds": kinds,
+            "oracle": winning_shares(oracle.best, labels, domains)}
 
 
 def figure12(model: PSNModel, tok, preset: Preset) -> dict:

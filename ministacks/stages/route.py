@@ -124,32 +124,12 @@ def answerable(tok, examples: list, max_len: int) -> list:
     return [ex for ex, n in zip(examples, scored.tolist()) if n > 0]
 
 
-def route_stage(path: str | Path, preset: Preset | str | None = None, progress: bool = True,
-                cfg: RouterConfig | None = None, search: str | None = None) -> dict:
-    """Train the router of the run at `path`; write the router and RUN/router.json; return router.json.
-
-    The run's own Preset is used (run.run_preset), with `preset`'s router settings if one is given; `cfg`
-    replaces the RouterConfig outright; `search` ("exhaustive" or "greedy") overrides its search."""
-    t0 = time.time()
-    # router=False: the router is what this stage makes, so an existing one (for other stacks, or
-    # damaged, which would be a load error) is not read; it is overwritten below
-    sr = load_run(path, preset, router=False)
-    run, model, tok, domains = sr.paths.run, sr.model, sr.tok, sr.domains
-    cfg = cfg or sr.preset.router
-    if search is not None:
-        cfg = replace(cfg, search=search)
-    torch.manual_seed(cfg.seed)  # the router's initialisation and its dropout (its batch order has its own)
-    # The validation split: the stacks never trained on it, so the oracle measures what they do for
-    # answers they have not seen, as at inference; the test split stays unseen for `eval`.
-    singles = [ex for d in domains for ex in load_split(d, "val", sr.preset.data)[: cfg.prompts_per_domain]]
-    singles = answerable(tok, singles, sr.preset.stack.seq_len)
-    # only the mixed kinds whose domains all have stacks in this run (a run may train a subset)
-    kinds = [k for k, labels in MIXED_KINDS.items() if set(labels) <= set(domains)]
-    mixed = [m for m in mixed_prompts(sr.preset.data, "val", cfg.mixed_per_kind, seed=cfg.seed) if m.kind in kinds]
-
-    # the oracle scores single-domain prompts only: a mixed prompt has no answer to measure a loss on
-    oracle = oracle_targets(model, tok, singles, domains, sr.manifest, run, cfg, sr.preset.stack.seq_len)
-    t_oracle = time.time() - t0
+def fit_router(model: nn.Module, tok, domains: tuple[str, ...], singles: list, mixed: list, oracle: OracleResult,
+               cfg: RouterConfig, progress: bool = True) -> tuple[MetaRouter, dict]:
+    """The router trained on `oracle`'s targets for the single-domain prompts and on the multi-hot labels of the
+    mixed ones, its epoch chosen on held-out groups of prompts; returns it and {"history", "best_epoch",
+    "final" (router_metrics on the held-out prompts), "routes" (per domain: mean p and the sets switched on),
+    "n_prompts"}. `model` computes the features: the base with every stack off (prompt_features)."""
     D = len(domains)
     # Features come from the base with every stack off, from the raw prompt (no template): the router decides
     # which stacks run, so what it reads cannot depend on them, and StackedRun routes from the same features.
@@ -176,7 +156,6 @@ def route_stage(path: str | Path, preset: Preset | str | None = None, progress: 
 
     router = MetaRouter(features.shape[-1], domains, cfg)
     fit = train_router(router, train, val, cfg, progress=progress)  # `router` holds the best epoch's weights
-    save_router(run, router, model)
 
     # what the router does on the held-out prompts of each domain: mean p, and the set the inference rule
     # switches on (routing_weights), i.e. the stacks `eval`'s routed mode would run for such a prompt
@@ -188,6 +167,40 @@ def route_stage(path: str | Path, preset: Preset | str | None = None, progress: 
                   for r in rows]
         routes[d] = {"n": len(rows), "mean_p": p_val[rows].mean(0).tolist() if rows else [], "shares": shares(picked)}
     final = router_metrics(router, val, cfg)  # the kept epoch, on the held-out groups
+    return router, {"history": fit["history"], "best_epoch": fit["best_epoch"], "final": final, "routes": routes,
+                    "n_prompts": {"single": len(singles), "mixed": len(mixed), "train": len(train_rows),
+                                  "val": len(val_rows)}}
+
+
+def route_stage(path: str | Path, preset: Preset | str | None = None, progress: bool = True,
+                cfg: RouterConfig | None = None, search: str | None = None) -> dict:
+    """Train the router of the run at `path`; write the router and RUN/router.json; return router.json.
+
+    The run's own Preset is used (run.run_preset), with `preset`'s router settings if one is given; `cfg`
+    replaces the RouterConfig outright; `search` ("exhaustive" or "greedy") overrides its search."""
+    t0 = time.time()
+    # router=False: the router is what this stage makes, so an existing one (for other stacks, or
+    # damaged, which would be a load error) is not read; it is overwritten below
+    sr = load_run(path, preset, router=False)
+    run, model, tok, domains = sr.paths.run, sr.model, sr.tok, sr.domains
+    cfg = cfg or sr.preset.router
+    if search is not None:
+        cfg = replace(cfg, search=search)
+    torch.manual_seed(cfg.seed)  # the router's initialisation and its dropout (its batch order has its own)
+    # The validation split: the stacks never trained on it, so the oracle measures what they do for
+    # answers they have not seen, as at inference; the test split stays unseen for `eval`.
+    singles = [ex for d in domains for ex in load_split(d, "val", sr.preset.data)[: cfg.prompts_per_domain]]
+    singles = answerable(tok, singles, sr.preset.stack.seq_len)
+    # only the mixed kinds whose domains all have stacks in this run (a run may train a subset)
+    kinds = [k for k, labels in MIXED_KINDS.items() if set(labels) <= set(domains)]
+    mixed = [m for m in mixed_prompts(sr.preset.data, "val", cfg.mixed_per_kind, seed=cfg.seed) if m.kind in kinds]
+
+    # the oracle scores single-domain prompts only: a mixed prompt has no answer to measure a loss on
+    oracle = oracle_targets(model, tok, singles, domains, sr.manifest, run, cfg, sr.preset.stack.seq_len)
+    t_oracle = time.time() - t0
+    router, fit = fit_router(model, tok, domains, singles, mixed, oracle, cfg, progress)
+    save_router(run, router, model)
+    final, routes, n_prompts = fit["final"], fit["routes"], fit["n_prompts"]
     # router.json: what the router learned, and what the oracle found that it could learn from
     result = {
         "domains": list(domains),
@@ -209,7 +222,7 @@ def route_stage(path: str | Path, preset: Preset | str | None = None, progress: 
         # every combination the search measured, its mean answer loss over all single prompts
         "oracle_mean_loss": {combo_name(c): float(v.mean()) for c, v in oracle.losses.items()},
         "routes": routes,
-        "n_prompts": {"single": len(singles), "mixed": len(mixed), "train": len(train_rows), "val": len(val_rows)},
+        "n_prompts": n_prompts,
         "mixed_kinds": kinds,
         "params": sum(p.numel() for p in router.parameters()),
         "search": cfg.search,
