@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import MIXED_KINDS, load_split, mixed_prompts, raw_prompt
+from ..data import load_split, raw_prompt
 from ..io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, load_tensors, read_json
 from ..lm.base import has_base, load_base, save_base
 from ..lm.model import Transformer
@@ -48,7 +48,7 @@ from ..training.examples import ExampleSet, example_loss
 from .common import add_preset_args, domain_data, preset_of, writable_folder
 from .continual import run_continual
 from .pretrain import ensure_base
-from .route import answerable, fit_router
+from .route import fit_router, router_prompts
 
 HELP = "PSN: stacks on a random base beside a pretrained one (v1); capability blocks (v2)"
 RANDOM = Path("psn") / "random"
@@ -166,10 +166,7 @@ def block_router(model: PSNModel, tok, preset: Preset, progress: bool = True) ->
     the frozen base's features. Returns its scores on held-out prompts and the oracle's winning combinations."""
     cfg, domains = preset.router, tuple(model.blocks)
     torch.manual_seed(cfg.seed)
-    singles = answerable(tok, [ex for d in domains for ex in load_split(d, "val", preset.data)[: cfg.prompts_per_domain]],
-                         preset.stack.seq_len)
-    kinds = [k for k, labels in MIXED_KINDS.items() if set(labels) <= set(domains)]
-    mixed = [m for m in mixed_prompts(preset.data, "val", cfg.mixed_per_kind, seed=cfg.seed) if m.kind in kinds]
+    singles, mixed, kinds = router_prompts(tok, domains, preset, cfg)  # the prompts `route` learns from
     data = ExampleSet(tok, singles, completion_only=True, max_len=preset.stack.seq_len)
     labels = [ex.domain for ex in singles]
     oracle = find_targets(ComboLosses(model, data, oracle_floor(cfg, domains), switch=blocks_on), labels, domains, cfg)

@@ -7,7 +7,8 @@
                                      the same for a finished run whose last-trained domain is D: its
                                      last stack is made active again (stacks.layer.thaw_last), aligned,
                                      frozen and saved in place. Only the last-trained domain: every later
-                                     stack was trained on top of an earlier one, and would no longer be
+                                     stack was trained on top of an earlier one, and would no longer
+                                     match the stack it was trained on
 
 Both write the RL result (rl/loop.py: config, curves, before and after, the guard's verdict) into the
 stack's record and the manifest, and RUN/rl.json (every aligned domain) with RUN/rl.png beside them.

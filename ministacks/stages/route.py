@@ -124,6 +124,20 @@ def answerable(tok, examples: list, max_len: int) -> list:
     return [ex for ex, n in zip(examples, scored.tolist()) if n > 0]
 
 
+def router_prompts(tok, domains: tuple[str, ...], preset: Preset,
+                   cfg: RouterConfig) -> tuple[list, list, list[str]]:
+    """What a router learns from: (single-domain prompts with an answer, mixed-domain prompts, the mixed kinds).
+
+    The validation split: the stacks never trained on it, so the oracle measures what they do for answers
+    they have not seen, as at inference; the test split stays unseen for `eval`. Only the mixed kinds whose
+    domains all have stacks in the run (a run may train a subset)."""
+    singles = [ex for d in domains for ex in load_split(d, "val", preset.data)[: cfg.prompts_per_domain]]
+    singles = answerable(tok, singles, preset.stack.seq_len)
+    kinds = [k for k, labels in MIXED_KINDS.items() if set(labels) <= set(domains)]
+    mixed = [m for m in mixed_prompts(preset.data, "val", cfg.mixed_per_kind, seed=cfg.seed) if m.kind in kinds]
+    return singles, mixed, kinds
+
+
 def fit_router(model: nn.Module, tok, domains: tuple[str, ...], singles: list, mixed: list, oracle: OracleResult,
                cfg: RouterConfig, progress: bool = True) -> tuple[MetaRouter, dict]:
     """The router trained on `oracle`'s targets for the single-domain prompts and on the multi-hot labels of the
@@ -187,13 +201,7 @@ def route_stage(path: str | Path, preset: Preset | str | None = None, progress: 
     if search is not None:
         cfg = replace(cfg, search=search)
     torch.manual_seed(cfg.seed)  # the router's initialisation and its dropout (its batch order has its own)
-    # The validation split: the stacks never trained on it, so the oracle measures what they do for
-    # answers they have not seen, as at inference; the test split stays unseen for `eval`.
-    singles = [ex for d in domains for ex in load_split(d, "val", sr.preset.data)[: cfg.prompts_per_domain]]
-    singles = answerable(tok, singles, sr.preset.stack.seq_len)
-    # only the mixed kinds whose domains all have stacks in this run (a run may train a subset)
-    kinds = [k for k, labels in MIXED_KINDS.items() if set(labels) <= set(domains)]
-    mixed = [m for m in mixed_prompts(sr.preset.data, "val", cfg.mixed_per_kind, seed=cfg.seed) if m.kind in kinds]
+    singles, mixed, kinds = router_prompts(tok, domains, sr.preset, cfg)
 
     # the oracle scores single-domain prompts only: a mixed prompt has no answer to measure a loss on
     oracle = oracle_targets(model, tok, singles, domains, sr.manifest, run, cfg, sr.preset.stack.seq_len)
