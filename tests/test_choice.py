@@ -67,3 +67,41 @@ def test_the_reference_is_chosen_where_the_model_prefers_it_in_shared_batches_an
     flat = Scripted([], tok.vocab_size, max_seq_len=512)
     flat.forward = lambda x: type("Out", (), {"logits": torch.zeros(*x.shape, tok.vocab_size)})()
     assert choice_accuracy(flat, tok, split, sets, Weights(on=StacksOn.base_only()), 512, 8)["correct"] == 0
+
+
+def test_each_prompt_once_gives_what_the_whole_candidates_give():
+    """Our model scores the candidates continuing one prefill of their prompt (shared_prompt_losses); the
+    losses equal example_losses of every candidate as a whole example, with stacks on under per-prompt
+    weights, and so the choice does."""
+    from ministacks.evaluation.choice import shared_prompt_losses
+    from ministacks.lm.model import ModelConfig, Transformer
+    from ministacks.stacks.layer import AdapterConfig, add_stack, freeze_active, inject_stacks, make_adapter, stacked_layers
+    from ministacks.training.examples import ExampleSet, example_losses
+    from dataclasses import replace
+
+    words = ["apple", "banana", "cherry", "date", "elder", "fig"]
+    tok = Tokenizer.train([f"name fruit {w} is {w} ripe" for w in words] * 30, vocab_size=300)
+    split = [Example("chat", f"name fruit {w}", "", f"{w} is {w}" + " ripe" * (i % 3), None, "fruit:list")
+             for i, w in enumerate(words)]
+    sets = choice_sets(tok, split, max_len=512, n=10)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=512,
+                                    vocab_size=tok.vocab_size))
+    inject_stacks(model)
+    for domain in ("chat", "math"):
+        add_stack(model, make_adapter("moe", AdapterConfig(r=4)))
+        with torch.no_grad():
+            for layer in stacked_layers(model):
+                layer.active.lora_B.normal_(std=0.2)
+        freeze_active(model, domain)
+    model.eval()
+    weights = Weights(per_prompt=[{"chat": 0.9}, {"math": 0.5}, {}, {"chat": 1.0, "math": 1.0}, {"math": 0.3},
+                                  {"chat": 0.4}][: len(sets)])
+    losses, scored = shared_prompt_losses(model, tok, split, sets, weights)
+    flat = [replace(split[i], response=r) for i, opts in sets for r in opts]
+    data = ExampleSet(tok, flat, completion_only=True, max_len=512, batch_size=5)
+    with weights.repeat(4).applied(model) as before_batch:
+        whole = example_losses(model, data, before_batch=before_batch)
+    torch.testing.assert_close(losses, whole, atol=1e-5, rtol=1e-5)
+    assert torch.equal(scored, data.scored)
+    assert len({round(float(x), 3) for x in losses}) > len(sets)  # the candidates and the settings differ

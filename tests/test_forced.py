@@ -134,7 +134,8 @@ def test_weights_of_a_mode():
     routed, switched = mode_weights(run, "routed", ["a", "b"]), mode_weights(run, "switched", ["a", "b"])
     assert routed.per_prompt[0] == {"chat": 0.2, "code": 0.9}  # the chat floor, as routing_weights gives it
     assert switched.per_prompt[1] == {"chat": 1.0, "code": 1.0}
-    assert switched.take([1]).per_prompt == [{"chat": 1.0, "code": 1.0}] and switched.batch_size(16) == 1
+    assert switched.take([1]).per_prompt == [{"chat": 1.0, "code": 1.0}]
+    assert routed.repeat(2).per_prompt == [routed.per_prompt[0]] * 2 + [routed.per_prompt[1]] * 2
     assert Weights(on=StacksOn.ungated()).take([5]).on == StacksOn.ungated()
 
 
@@ -145,6 +146,43 @@ def test_per_prompt_weights_are_set_before_each_forward_and_undone_after():
     with w.applied(model) as before_batch:
         before_batch([1])
         assert all(layer.on == StacksOn.weighted({"math": 0.5}) for layer in stacked_layers(model))
+        before_batch([1, 0])  # a batch of both: row j under prompt rows[j]'s weights
+        assert all(layer.on.rows == (StacksOn.weighted({"math": 0.5}), StacksOn.weighted({"chat": 1.0}))
+                   for layer in stacked_layers(model))
     assert all(layer.on == StacksOn.ungated() for layer in stacked_layers(model))
     with Weights(on=StacksOn.base_only()).applied(model) as before_batch:
         assert before_batch is None and all(layer.on.base for layer in stacked_layers(model))
+
+
+def test_routed_examples_in_shared_batches_score_as_each_alone():
+    """Per-prompt weights batched (per-row stack weights) give every example the loss it has alone under its
+    own weights: the routed modes share batches without changing a number."""
+    from ministacks.stacks.layer import AdapterConfig, add_stack, freeze_active, make_adapter
+    from ministacks.training.examples import ExampleSet, example_losses
+
+    words = ["apple", "banana", "cherry", "date", "elder", "fig", "grape"]
+    tok = Tokenizer.train([f"name fruit {w} is {w} and more" for w in words] * 20, vocab_size=300)
+    torch.manual_seed(3)
+    model = Transformer(ModelConfig(n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=512,
+                                    vocab_size=tok.vocab_size))
+    inject_stacks(model)
+    for domain in ("chat", "math", "chat"):
+        add_stack(model, make_adapter("moe", AdapterConfig(r=4)))
+        with torch.no_grad():
+            for layer in stacked_layers(model):
+                layer.active.lora_B.normal_(std=0.1)
+        freeze_active(model, domain)
+    model.eval()
+    examples = [Example("chat", f"name fruit {w}", "", f"{w} is {w}" + " and more" * (i % 3), None, "x")
+                for i, w in enumerate(words)]
+    routes = [{"chat": 0.9}, {"math": 0.6, "chat": 0.3}, {}, {"chat": 0.1, "math": 1.0}, {"chat": 1.0, "math": 1.0},
+              {"math": 0.2}, {"chat": 0.5}]
+    weights = Weights(per_prompt=routes)
+    batched = ExampleSet(tok, examples, completion_only=True, max_len=512, batch_size=4)
+    with weights.applied(model) as before_batch:
+        shared = example_losses(model, batched, before_batch=before_batch)
+    for i, ex in enumerate(examples):
+        with Weights(on=StacksOn.weighted(routes[i])).applied(model):
+            alone = example_losses(model, ExampleSet(tok, [ex], completion_only=True, max_len=512, batch_size=1))
+        torch.testing.assert_close(shared[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+    assert len({round(float(x), 4) for x in shared}) > 3  # the routes matter: the losses differ

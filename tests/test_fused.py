@@ -198,3 +198,45 @@ def test_noisy_frozen_stacks_take_the_loop_in_train_mode_and_the_fused_pass_in_e
     fused = model(x).logits
     assert model.layers[0].self_attn.q_proj._joint is not None
     torch.testing.assert_close(fused, _loop(model, lambda: model(x).logits), atol=1e-5, rtol=1e-5)
+
+
+def test_per_row_weights_give_each_row_what_it_gives_alone():
+    """Prompts routed apart share a batch (StacksOn.per_row): each row equals its own forward under its own
+    setting, fused (joint passes and single ones) and stack by stack, with a domain skipped in one row only,
+    an ungated row and a base-like row ({}) among them."""
+    model = _stacked()
+    rows = [ONS[1], ONS[2], StacksOn.ungated(), StacksOn.weighted({})]
+    x = _ids(batch=len(rows))
+    alone = []
+    for b, on in enumerate(rows):
+        set_stacks(model, on)
+        alone.append(model(x[b : b + 1]).logits)
+    set_stacks(model, StacksOn.per_row(rows))
+    fused = model(x).logits
+    assert model.layers[0].self_attn.q_proj._joint.W is not None  # the per-row pass ran
+    for b in range(len(rows)):
+        torch.testing.assert_close(fused[b : b + 1], alone[b], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, _loop(model, lambda: model(x).logits), atol=1e-5, rtol=1e-5)
+    # through generation with the KV cache: one new token per row per step
+    set_stacks(model, StacksOn.per_row(rows[:2]))
+    both = model.generate(x[:2, :9], 8)
+    for b in range(2):
+        set_stacks(model, rows[b])
+        assert torch.equal(both[b : b + 1], model.generate(x[b : b + 1, :9], 8))
+
+
+def test_per_row_settings_that_agree_are_the_plain_setting_and_a_wrong_batch_is_refused():
+    on = StacksOn.weighted({"chat": 0.5})
+    assert StacksOn.per_row([on, on]) == on
+    rows = StacksOn.per_row([on, StacksOn.ungated()])
+    assert rows.row_weights("chat") == [0.5, 1.0] and rows.row_weights("code") == [0.0, 1.0]
+    assert rows.live(["chat", "code", "math"]) == ["chat", "code", "math"]
+    assert StacksOn.per_row([on, StacksOn.weighted({"code": 0.1})]).live(["chat", "code"]) == ["chat"]
+    with pytest.raises(TypeError, match="row_weights"):
+        rows.weight_of("chat")
+    model = _stacked()
+    set_stacks(model, rows)
+    with pytest.raises(ValueError, match="2 rows"):
+        model(_ids(batch=3))
+    with pytest.raises(ValueError, match="2 rows"):
+        _loop(model, lambda: model(_ids(batch=3)))

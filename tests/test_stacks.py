@@ -7,9 +7,10 @@ import torch.nn as nn
 from ministacks.adapters.lora import LoRA
 from ministacks.lm.model import ModelConfig, Transformer
 from ministacks.adapters.moe_lora import MoELoRA
-from ministacks.stacks.layer import (SKIP_THRESHOLD, StackedLinear, TARGET_MODULES, active_parameters, add_stack,
+from ministacks.stacks.layer import (StackedLinear, TARGET_MODULES, active_parameters, add_stack,
                                freeze_active, inject_stacks, make_adapter, StacksOn, set_stacks,
                                stacked_layers, stacks_on)
+from ministacks.stacks.selection import SKIP_THRESHOLD
 
 CFG = ModelConfig(vocab_size=97, n_layer=2, d_model=64, n_head=4, n_kv_head=2, max_seq_len=32)
 

@@ -71,7 +71,7 @@ def greedy_matches(model: nn.Module, tok: Tokenizer, examples: Sequence[Example]
 
     Batched by length and right-padded (causal attention: padding after a position never reaches it).
     `before_batch(rows)` runs before each batch's forward, with the positions of its examples in
-    `examples` (the routed evaluation sets each example's own stack weights there, with batch_size 1)."""
+    `examples` (the routed evaluation sets row j to example rows[j]'s own stack weights there: StacksOn.per_row)."""
     max_len = model.cfg.max_seq_len
     pairs = [(tok.encode(ex.prompt(), bos=True), tok.encode(ex.response, eos=True)) for ex in examples]
     out: list[bool | None] = [None] * len(pairs)

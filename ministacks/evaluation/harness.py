@@ -173,35 +173,36 @@ class StackedLM(LM or object):
     def _score(self, pairs: list[tuple[list[int], list[int]]], settings: list[StacksOn], kind: str
                ) -> list[tuple[float, bool]]:
         """(Σ log p of the continuation, is it the greedy one) for every (context ids, continuation ids),
-        batched among requests of one setting, longest first, right-padded (causal: padding is never seen)."""
+        batched longest first, each row under its request's setting, right-padded (causal: padding is never seen)."""
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         model, pad = self.run.model, self.run.tok.pad_id
         with training_state(model, False):
-            for on, rows in _groups(settings).items():
-                rows.sort(key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
-                for b in range(0, len(rows), self.batch_size):
-                    batch = rows[b : b + self.batch_size]
-                    seqs, n_cont = [], []
-                    for i in batch:
-                        ctx, cont = pairs[i]
-                        whole = (ctx + cont)[-(self.max_len + 1):]  # the end is kept: the continuation is scored
-                        self.truncated[kind] += len(whole) < len(ctx) + len(cont)
-                        seqs.append(whole)
-                        n_cont.append(min(len(cont), len(whole) - 1))
-                    x = torch.full((len(batch), max(len(s) - 1 for s in seqs)), pad)
-                    at = torch.zeros(x.shape, dtype=torch.bool)  # the positions that predict a continuation token
-                    targets = []
-                    for j, (s, n) in enumerate(zip(seqs, n_cont)):
-                        x[j, : len(s) - 1] = torch.tensor(s[:-1])
-                        at[j, len(s) - 1 - n : len(s) - 1] = True
-                        targets += s[len(s) - n:]
-                    with stacks_on(model, on):
-                        logits = logits_at(model, x, at).float()  # [N, V], N = Σ continuation tokens
-                    target = torch.tensor(targets)
-                    logp = F.log_softmax(logits, -1).gather(1, target[:, None])[:, 0]  # [N]
-                    greedy = logits.argmax(-1) == target  # [N]
-                    for i, lp, g in zip(batch, logp.split(n_cont), greedy.split(n_cont)):
-                        out[i] = (float(lp.sum()), bool(g.all()))
+            # every request in one queue, longest first: a batch mixes settings, each row under its own
+            # (StacksOn.per_row), so the routed modes batch as the fixed ones do
+            rows = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+            for b in range(0, len(rows), self.batch_size):
+                batch = rows[b : b + self.batch_size]
+                seqs, n_cont = [], []
+                for i in batch:
+                    ctx, cont = pairs[i]
+                    whole = (ctx + cont)[-(self.max_len + 1):]  # the end is kept: the continuation is scored
+                    self.truncated[kind] += len(whole) < len(ctx) + len(cont)
+                    seqs.append(whole)
+                    n_cont.append(min(len(cont), len(whole) - 1))
+                x = torch.full((len(batch), max(len(s) - 1 for s in seqs)), pad)
+                at = torch.zeros(x.shape, dtype=torch.bool)  # the positions that predict a continuation token
+                targets = []
+                for j, (s, n) in enumerate(zip(seqs, n_cont)):
+                    x[j, : len(s) - 1] = torch.tensor(s[:-1])
+                    at[j, len(s) - 1 - n : len(s) - 1] = True
+                    targets += s[len(s) - n:]
+                with stacks_on(model, StacksOn.per_row([settings[i] for i in batch])):
+                    logits = logits_at(model, x, at).float()  # [N, V], N = Σ continuation tokens
+                target = torch.tensor(targets)
+                logp = F.log_softmax(logits, -1).gather(1, target[:, None])[:, 0]  # [N]
+                greedy = logits.argmax(-1) == target  # [N]
+                for i, lp, g in zip(batch, logp.split(n_cont), greedy.split(n_cont)):
+                    out[i] = (float(lp.sum()), bool(g.all()))
         return out
 
     # -- generation ---------------------------------------------------------------------------------------
@@ -275,13 +276,6 @@ class StackedLM(LM or object):
                     still.append(i)
             live = still
         return texts
-
-
-def _groups(settings: list[StacksOn]) -> dict[StacksOn, list[int]]:
-    groups: dict[StacksOn, list[int]] = {}
-    for i, on in enumerate(settings):
-        groups.setdefault(on, []).append(i)
-    return groups
 
 
 # --- scoring what the harness returns ------------------------------------------------------------------

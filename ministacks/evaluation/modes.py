@@ -3,7 +3,7 @@
 A mode (inference.stacked.MODES) is either one setting of the stacks for every prompt — base, ungated —
 or one setting per prompt, from the router: routed (the paper's p-weighted rule) and switched (the
 same domains at weight 1). `Weights` holds both forms: `on` for the first, `per_prompt` for the second
-(example i of a list runs alone, under per_prompt[i]). Every measurement here takes one and runs
+(example i of a list runs under per_prompt[i], in a batch whose rows each have their own weights). Every measurement here takes one and runs
 unchanged in either form, so the four modes are measured by the same code on the same examples:
 
     mean_loss        token-weighted mean CE of examples (the validation loss of training, §4)
@@ -44,17 +44,19 @@ class Weights:
     def of(self, i: int) -> StacksOn:
         return self.on if self.per_prompt is None else StacksOn.weighted(self.per_prompt[i])
 
-    def batch_size(self, shared: int) -> int:
-        """`shared` under one StacksOn; 1 per prompt, because a forward runs the whole model under one StacksOn."""
-        return shared if self.per_prompt is None else 1
+    def repeat(self, k: int) -> Weights:
+        """Each prompt's weights k times over, in order (k candidates of one prompt, all under its route)."""
+        return self if self.per_prompt is None else Weights(per_prompt=[w for w in self.per_prompt for _ in range(k)])
 
     @contextmanager
     def applied(self, model: nn.Module) -> Iterator[Callable[[list[int]], None] | None]:
         """Run a batched measurement under these weights: the model under `on` for the block, or, per prompt,
-        the `before_batch(rows)` to pass (it sets the batch's one prompt's weights before its forward).
-        Whatever the batches set is undone after the block."""
+        the `before_batch(rows)` to pass: it sets row j of the batch to prompt rows[j]'s weights
+        (StacksOn.per_row), so prompts routed apart share a batch. Whatever the batches set is undone after
+        the block."""
         with stacks_on(model, self.on if self.per_prompt is None else StacksOn.ungated()):
-            yield None if self.per_prompt is None else (lambda rows: set_stacks(model, self.of(rows[0])))
+            yield None if self.per_prompt is None else (
+                lambda rows: set_stacks(model, StacksOn.per_row([self.of(i) for i in rows])))
 
 
 def mode_weights(sr: StackedRun, mode: str, raw_prompts: Sequence[str]) -> Weights:
@@ -88,7 +90,7 @@ def _losses(sr: StackedRun, data: ExampleSet, weights: Weights) -> tuple[torch.T
 def mean_loss(sr: StackedRun, examples: list[Example], cfg, weights: Weights) -> float:
     """Token-weighted mean loss of `examples` (cfg: the run's StackTrainConfig, for the loss's form)."""
     data = ExampleSet(sr.tok, examples, cfg.completion_only, max_len=cfg.seq_len,
-                      batch_size=weights.batch_size(cfg.eval_batch_size))
+                      batch_size=cfg.eval_batch_size)
     return _losses(sr, data, weights)[1]
 
 
@@ -98,7 +100,7 @@ def exact_accuracy(sr: StackedRun, examples: list[Example], weights: Weights, re
     fit the context is left out of n, in every mode alike (it depends on the text alone)."""
     with weights.applied(sr.model) as before_batch:
         verdicts = greedy_matches(sr.model, sr.tok, examples, repetition_penalty,
-                                  batch_size=weights.batch_size(BATCH_SIZE), before_batch=before_batch)
+                                  batch_size=BATCH_SIZE, before_batch=before_batch)
     by_source: dict[str, dict[str, int]] = {}
     for ex, v in zip(examples, verdicts):
         if v is not None:
@@ -112,7 +114,7 @@ def exact_accuracy(sr: StackedRun, examples: list[Example], weights: Weights, re
 def text_losses(sr: StackedRun, texts: list[str], weights: Weights, max_len: int, batch_size: int) -> dict:
     """Every document's mean CE over all its tokens (plain text, no template) and its token count, in order:
     {"loss" (token-weighted mean), "losses", "tokens"}."""
-    data = ExampleSet.of_texts(sr.tok, texts, max_len, weights.batch_size(batch_size))
+    data = ExampleSet.of_texts(sr.tok, texts, max_len, batch_size)
     losses, loss = _losses(sr, data, weights)
     return {"loss": loss, "losses": [float(x) for x in losses], "tokens": data.scored.tolist()}
 

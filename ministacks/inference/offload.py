@@ -42,7 +42,7 @@ import torch.nn as nn
 
 from ..stacks.domains import domain_order, domain_rounds, load_domain, stack_bytes, unload_domain
 from ..stacks.fingerprint import base_fingerprint
-from ..stacks.layer import SKIP_THRESHOLD, StacksOn
+from ..stacks.layer import StacksOn
 from ..stacks.store import (ForeignBaseError, StackFile, StackFileError, check_stack_size, damaged_stacks,
                             read_stack)
 
@@ -87,11 +87,7 @@ def live_domains(on: StacksOn, domains: Iterable[str]) -> list[str]:
     """The domains whose stacks `on` runs, among `domains` (the run's): none for the base, all of them
     ungated, and those above the skip threshold for given weights (a domain at or below it costs nothing,
     so it need not be in memory)."""
-    if on.base:
-        return []
-    if on.weights is None:
-        return list(domains)
-    return [d for d, w in on.weights if w > SKIP_THRESHOLD]
+    return on.live(domains)
 
 
 class StackCache:

@@ -29,7 +29,8 @@ import torch.nn as nn
 from ..data import render_alpaca
 from ..lm.tokenizer import Tokenizer
 from ..routing.router import MetaRouter, prompt_features, routing_weights
-from ..stacks.layer import SKIP_THRESHOLD, StacksOn, stacks_on
+from ..stacks.layer import StacksOn, stacks_on
+from ..stacks.selection import SKIP_THRESHOLD
 from .offload import StackCache, live_domains
 
 MODES = ("base", "ungated", "routed", "switched")

@@ -173,6 +173,12 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def repeat_rows(self, rows: int) -> None:
+        """A one-row cache becomes `rows` copies of it: several continuations of one prefix read its keys."""
+        if self.k.shape[1] != 1:
+            raise ValueError(f"repeat_rows copies a one-row cache, not one of {self.k.shape[1]} rows")
+        self.k, self.v = self.k.repeat(1, rows, 1, 1, 1), self.v.repeat(1, rows, 1, 1, 1)
+
 
 def project(x: torch.Tensor, *projections: nn.Module) -> tuple[torch.Tensor, ...]:
     """(p(x) for p in projections), for projections that all read x.

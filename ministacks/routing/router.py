@@ -61,7 +61,8 @@ from tqdm.auto import tqdm
 from ..io import RunFileError, atomic_write_bytes, atomic_write_json, read_checked_tensors, read_json_file, record_checksum
 from ..lm.tokenizer import Tokenizer
 from ..runtime import training_state
-from ..stacks.layer import SKIP_THRESHOLD, StacksOn, stacks_on
+from ..stacks.layer import StacksOn, stacks_on
+from ..stacks.selection import SKIP_THRESHOLD
 from ..stacks.fingerprint import base_fingerprint
 
 

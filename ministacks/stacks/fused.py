@@ -24,6 +24,10 @@ What is folded in once, when the pass is built: the domain weights w and rsLoRA 
 adapter's columns of B, so a token pays only for its gates; A and B are laid out for `mm`/`addmm` (one op
 each, where `F.linear` dispatches through four). The gates depend on x and cannot be folded.
 
+Per-row weights (StacksOn.per_row: prompts routed apart in one batch). B holds s alone, and the weights
+become one [B, C] matrix W, row b's w_d over every column of domain d's adapters: hg ⊙ W (broadcast over
+each row's tokens) is one more elementwise op, and row b computes base + Σ w_b,d Δ_d exactly as alone.
+
 Consecutive adapters with the same routing spec form one run, gated with one top-k over [T, S, E]. The
 base projection is called as its own module, exactly as the base alone calls it: the pass changes only
 what the stacks cost.
@@ -92,16 +96,23 @@ class FusedStacks:
         # per layer: Bᵀ [C_p, d_out_p], every adapter's rows scaled by w·s. Stored transposed and contiguous:
         # hg [T, C_p] @ Bᵀ then streams Bᵀ row by row, measured ~1.5x faster at T=1 than through a view of B
         self.Bt: list[torch.Tensor | None] = []
+        per_row = layers[0].on.rows is not None
+        if per_row and any(layer.on != layers[0].on for layer in layers):
+            raise ValueError("per-row stack weights in one pass need every layer of the group under the same setting")
+        columns = []  # per row: each adapter's row weights over its E·r columns of hg (per_row only)
         for layer in layers:
-            live = [(a, layer.weight_of(d)) for d in layer.live_domains() for a in layer.stacks[d]]
+            live = [(a, d) for d in layer.live_domains() for a in layer.stacks[d]]
             Bts, scales = [], []
-            for adapter, w in live:
+            for adapter, d in live:
                 A, R, Bt, spec = _adapter_matrices(adapter)
                 As.append(A)
                 Rs += [R] if R is not None else []
                 Bts.append(Bt)
-                scales.append(w * adapter.scaling)
+                scales.append((1.0 if per_row else layer.weight_of(d)) * adapter.scaling)
                 specs.append(spec)
+                if per_row:
+                    columns.append(torch.tensor(layer.on.row_weights(d), dtype=A.dtype, device=A.device)
+                                   [:, None].expand(-1, A.shape[0]))
             self.Bt.append(_scaled_rows(Bts, scales) if Bts else None)
         if not As:
             raise ValueError("nothing to fuse: no layer of the group has a live frozen stack")
@@ -122,6 +133,7 @@ class FusedStacks:
         self.C = sum(self.h_sizes)  # Σ E·r over every adapter of every layer
         self.ARt = self.AR.t()  # [d_in, C + Z], for mm(x, ARt): one op where F.linear dispatches through four
         self.c_sizes = [0 if Bt is None else Bt.shape[0] for Bt in self.Bt]  # hg columns of each layer
+        self.W = torch.cat(columns, dim=1) if columns else None  # [B, C]: row b's weight of every column
 
     def gated(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x [T, F] -> every layer's gated expert activations hg_p [T, C_p] (views of one [T, C] tensor)."""
@@ -144,10 +156,14 @@ class FusedStacks:
                 g = route(zr.view(-1, S, E), routing, k, top_p)[0].unsqueeze(-1)  # [T, S, E, 1]
             parts.append((hr.view(-1, S, E, r) * g).view(-1, S * E * r))  # [T, S·E·r]
         hg = parts[0] if one else torch.cat(parts, dim=1)
+        if self.W is not None:  # per-row weights: row b's tokens scaled by W[b]
+            hg = (hg.view(len(self.W), -1, self.C) * self.W[:, None, :]).view(-1, self.C)
         return [hg] if len(self.c_sizes) == 1 else list(hg.split_with_sizes(self.c_sizes, dim=1))
 
     def __call__(self, x: torch.Tensor, with_base: bool = True) -> list[torch.Tensor]:
         lead = x.shape[:-1]
+        if self.W is not None and (len(lead) < 1 or lead[0] != len(self.W)):
+            raise ValueError(f"per-row stack weights for {len(self.W)} rows, but the input's shape is {tuple(x.shape)}")
         x = x.reshape(-1, x.shape[-1])  # [T, F]
         out = []
         for base, Bt, hg in zip(self.bases, self.Bt, self.gated(x)):

@@ -18,8 +18,9 @@ it", "route to these domains" are one call each, on our model and on a Hugging F
 - Freezing sets requires_grad=False *and* eval mode (no routing noise). The released code leaves
   frozen stacks in train mode, so they keep routing noisily while later stacks train;
   `freeze_active(..., keep_train_mode=True)` reproduces that.
-- Which frozen stacks run is one `StacksOn` (ungated, weighted, or the base alone); a domain at or
-  below `SKIP_THRESHOLD` (0.12, docs/brainstacks.md §6) is skipped entirely — no compute at all.
+- Which frozen stacks run is one `StacksOn` (ungated, weighted, the base alone, or one of those per batch
+  row; stacks/selection.py); a domain at or below `SKIP_THRESHOLD` (0.12, docs/brainstacks.md §6) is
+  skipped entirely — no compute at all.
 - Inference over many frozen stacks runs as one fused pass (`FusedStacks`, stacks/fused.py), checked against
   the stack-by-stack loop in the tests; projections that read the same input (q, k, v; gate, up) share one
   pass where the model asks for it (`StackedLinear.joint_forward`).
@@ -42,6 +43,7 @@ from ..adapters.lora import LoRA
 from ..adapters.moe_lora import MoELoRA
 from ..lm.model import PROJECTION_NAMES
 from .fused import FusedStacks
+from .selection import StacksOn
 
 @dataclass(frozen=True)
 class AdapterConfig:
@@ -68,54 +70,6 @@ def make_adapter(kind: str, cfg: AdapterConfig = AdapterConfig()) -> Callable[[i
 
 
 TARGET_MODULES = PROJECTION_NAMES  # peft's name for "which modules get adapters"
-SKIP_THRESHOLD = 0.12  # a domain whose weight is at or below this costs nothing (docs/brainstacks.md §6, inference rule)
-
-
-@dataclass(frozen=True)
-class StacksOn:
-    """Which frozen stacks run, and with which weight: the one description every mode and route uses.
-
-        StacksOn.ungated()            every domain's stacks at weight 1 (what continual training measures)
-        StacksOn.weighted({d: w})     those domains at those weights; a domain absent is 0, and one at or
-                                      below SKIP_THRESHOLD is skipped (it costs nothing)
-        StacksOn.base_only()          nothing but the base: no frozen and no active stack
-
-    `as_json()` is how results record it: None (ungated), {} (base) or the weights, as eval.json and
-    the CLI print them."""
-
-    weights: tuple[tuple[str, float], ...] | None = None  # None: ungated; else (domain, weight) pairs
-    base: bool = False
-
-    @classmethod
-    def ungated(cls) -> StacksOn:
-        return cls()
-
-    @classmethod
-    def base_only(cls) -> StacksOn:
-        return cls(weights=(), base=True)
-
-    @classmethod
-    def weighted(cls, weights: dict[str, float]) -> StacksOn:
-        return cls(weights=tuple((d, float(w)) for d, w in weights.items()))
-
-    @classmethod
-    def from_json(cls, weights: dict[str, float] | None) -> StacksOn:
-        """The inverse of as_json: None is ungated, {} the base alone, a dict those weights."""
-        if weights is None:
-            return cls.ungated()
-        return cls.weighted(weights) if weights else cls.base_only()
-
-    def weight_of(self, domain: str) -> float:
-        if self.base:
-            return 0.0
-        return 1.0 if self.weights is None else dict(self.weights).get(domain, 0.0)
-
-    def as_json(self) -> dict[str, float] | None:
-        if self.base:
-            return {}
-        return None if self.weights is None else dict(self.weights)
-
-
 def set_stacks(model: nn.Module, on: StacksOn) -> None:
     """Every layer of `model` runs `on` from now on (`stacks_on` is the same for one block)."""
     if not isinstance(on, StacksOn):
@@ -175,14 +129,23 @@ class StackedLinear(nn.Module):
         return self.on.weight_of(domain)
 
     def live_domains(self) -> list[str]:
-        """Domains whose frozen stacks contribute (weight above the skip threshold)."""
-        return [d for d in self.stacks if self.weight_of(d) > SKIP_THRESHOLD]
+        """Domains whose frozen stacks contribute (weight above the skip threshold, in some row)."""
+        return self.on.live(self.stacks)
+
+    def _weight(self, domain: str, x: torch.Tensor) -> float | torch.Tensor:
+        """w_d, or per row (StacksOn.per_row) a [B, 1, ..., 1] tensor that scales row b of x's delta."""
+        if self.on.rows is None:
+            return self.weight_of(domain)
+        w = self.on.row_weights(domain)
+        if x.dim() < 2 or x.shape[0] != len(w):
+            raise ValueError(f"per-row stack weights for {len(w)} rows, but the input's shape is {tuple(x.shape)}")
+        return torch.tensor(w, dtype=x.dtype, device=x.device).view(-1, *[1] * (x.dim() - 1))
 
     def frozen_delta_loop(self, x: torch.Tensor) -> torch.Tensor | None:
         """Σ_d w_d Σ_j Δ_j(x), stack by stack: the obvious reference for the fused path."""
         total = None
         for domain in self.live_domains():
-            w = self.weight_of(domain)
+            w = self._weight(domain, x)
             for adapter in self.stacks[domain]:
                 d = adapter(x).delta * w
                 total = d if total is None else total + d

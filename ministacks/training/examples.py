@@ -133,8 +133,8 @@ def example_losses(model: nn.Module, data: ExampleSet,
 
     Batched (the whole ExampleSet in len(batches) forwards), so a caller that needs every example's
     loss under many settings of the model (the router's target search) pays one pass per setting.
-    `before_batch(rows)` runs before each batch's forward (routed evaluation sets each example's
-    stack weights there, with batch_size 1)."""
+    `before_batch(rows)` runs before each batch's forward (routed evaluation sets row j to example
+    rows[j]'s own stack weights there: StacksOn.per_row)."""
     n = sum(len(r) for r in data.rows)
     out = torch.full((n,), float("nan"))
     with training_state(model, False):
