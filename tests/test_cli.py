@@ -22,6 +22,7 @@ def test_demo_writes_a_report_with_every_stage(demo_dir):
         assert f"]({figure})" in report and (demo_dir / figure).stat().st_size > 10_000
     assert "unigram entropy" in report
     assert "## Continual domains and null-space projection" in report and "](forgetting.png)" in report
+    assert "## PSN v1" in report and "## PSN v2" in report and "](psn.png)" in report  # the short PSN stage
 
 
 def test_compare_json_has_both_arms_on_the_4bit_base(demo_dir):
@@ -56,7 +57,7 @@ def test_boost_json_records_rounds_and_the_stop_rule(demo_dir):
 def test_demo_again_reuses_everything(demo_dir, capsys):
     before = (demo_dir / "compare.json").read_text()
     ledger = json.loads((demo_dir / "stage_times.json").read_text())
-    assert len(ledger["seconds"]) == 8 and all(s > 0 for s in ledger["seconds"].values())
+    assert len(ledger["seconds"]) == 9 and all(s > 0 for s in ledger["seconds"].values())
     assert main(["demo", "--preset", "smoke", "--out", str(demo_dir), "--no-progress"]) == 0
     assert (demo_dir / "compare.json").read_text() == before
     # the stage times add this invocation's (reading what is done) to the first's, and the report shows both

@@ -63,7 +63,11 @@ def plot_psn_v2(v2: dict, path: str | Path) -> Path:
 
 def psn_v2_lines(v2: dict, plot: str | None) -> list[str]:
     low, high = PAPER_PSN["v2"]["oracle_gain_nats"]
-    lines = ["## PSN v2: capability blocks over a base pretrained on general text alone", "",
+    share = v2.get("template_share", 0.0)
+    over = ("a base pretrained on general text alone" if not share else
+            f"the run's own base (pretrained with {share:.0%} of its domain examples in the Alpaca template; the "
+            "paper's v2 base is pretrained on general text alone, and `psn --variant v2` pretrains one)")
+    lines = [f"## PSN v2: capability blocks over {over}", "",
              f"The paper: oracle gains of +{low} to +{high} nats per domain; the router 100% top-1 on single-domain "
              "prompts and 100% set match on mixed ones.", "",
              "| domain | test loss, no block | with its own block | oracle gain (nats) | n |", "|---|---:|---:|---:|---:|"]
@@ -109,7 +113,7 @@ def psn_section(result: dict | None, plot: str | None = "psn.png", plot_v2: str 
         lines.append(f"- {d}: the stacks lower the random base's loss by {gain_r:.3f} nats and the pretrained base's "
                      f"by {gain_p:.3f}; the random base ends {abs(gap):.3f} nats "
                      f"{'above' if gap > 0 else 'below'} the pretrained one.")
-    lines += ["", "Greedy answers, all stacks on (first validation prompt of each domain):", ""]
+    lines += ["", "Greedy answers with these domains' stacks on (first validation prompt of each domain):", ""]
     for d in rnd["domains"]:
         s_r, s_p = rnd["samples"][d], pre["samples"][d]
         lines += [f"- **{d}** — prompt: `{_one_line(s_r['prompt'])}`",

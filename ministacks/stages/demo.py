@@ -2,7 +2,8 @@
 
     pretrain -> compare (Exp 1, on the 4-bit base) -> boost -> train twice (without and with null-space)
              -> route, eval and the harness's benchmarks on the null-space run
-             -> RL after SFT: a chat -> reasoning run with DPO on chat and GRPO on reasoning (OUT/rl) -> report.md
+             -> RL after SFT: a chat -> reasoning run with DPO on chat and GRPO on reasoning (OUT/rl)
+             -> PSN, short: v1 and v2 on chat -> code (OUT/psn/short) -> report.md
 
 Each stage resumes from what the folder already holds, so running the demo again after a kill (or
 after it finished) redoes nothing that is done. The same Preset goes to every stage: a modified
@@ -20,6 +21,7 @@ from ..presets import Preset, get_preset
 from ..report.findings import findings_section
 from ..report.evaluation import eval_section, harness_section
 from ..report.report import boost_section, compare_section, data_section, forgetting_section, pretrain_section, write_report
+from ..report.psn import psn_section
 from ..report.rl import rl_section
 from ..report.router import router_section
 from .boost import run_boost
@@ -29,6 +31,7 @@ from .continual import run_continual, train_stage
 from .evaluate import eval_stage
 from .harness_eval import harness_stage
 from .pretrain import stage_pretrain
+from .psn import psn_v1, psn_v2
 from .rl import rl_summary
 from .route import route_stage
 
@@ -70,6 +73,7 @@ def main(args) -> int:
     evaluation = timed("evaluation", eval_stage, run, preset, progress=progress)
     harness = timed("benchmarks through lm-evaluation-harness", harness_stage, run, preset)
     rl = timed("RL after SFT: DPO on chat, GRPO on reasoning", rl_demo_stage, preset, out, progress)
+    psn = timed("PSN v1 and v2, short: chat -> code", psn_demo_stage, preset, out, progress)
     sections = [
         f"Preset `{preset.name}`; run folder `{out}`; {time.time() - t0:.0f} s for this invocation.\n",
         findings_section(compare, boost, forgetting, router, evaluation),
@@ -82,6 +86,7 @@ def main(args) -> int:
         eval_section(evaluation, f"{run.name}/eval.png"),
         harness_section(harness, f"{run.name}/harness.png"),
         rl_section(rl, f"{RL_RUN}/rl.png"),
+        psn_section(psn),
         times_section(times, ledger),
     ]
     path = write_report(out, sections, title="ministacks demo report")
@@ -102,6 +107,23 @@ def rl_demo_stage(preset: Preset, out: Path, progress: bool) -> dict:
     cc = replace(preset.continual, domains=tuple(d for d, _ in RL_DOMAINS), rounds=1, rl=RL_DOMAINS)
     manifest = run_continual(replace(preset, continual=cc), out, out / RL_RUN, progress)
     return rl_summary(out / RL_RUN, manifest)
+
+
+PSN_DOMAINS = ("chat", "code")  # the curriculum's first two: code's block is Figure 12's
+
+
+def psn_demo_stage(preset: Preset, out: Path, progress: bool) -> dict:
+    """PSN's two variants, short: on the curriculum's first two domains only, and v2's blocks over OUT's base
+    (no second pretraining). `psn --variant v1|v2` runs them on every domain, v2 over a base pretrained on
+    general text alone; run on this folder, they replace these results in psn.json and the report."""
+    path = out / "psn.json"
+    done = read_json(path) if path.is_file() else {}
+    if "v1" in done and "v2" in done:  # finished before (or replaced by the full `psn` runs): nothing to redo
+        return done
+    short = out / "psn" / "short"
+    psn_v1(preset, out, progress, domains=PSN_DOMAINS, folder=short / "random")
+    psn_v2(preset, out, progress, domains=PSN_DOMAINS, folder=short / "v2", own_base=True)
+    return read_json(out / "psn.json")
 
 
 def times_section(times: dict[str, float], ledger: dict) -> str:

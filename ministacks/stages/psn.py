@@ -44,6 +44,7 @@ from ..psn.train import block_directions, train_block, united_basis
 from ..report.psn import plot_psn, plot_psn_v2
 from ..routing.oracle import ComboLosses, find_targets, oracle_floor, winning_shares
 from ..run import load_run
+from ..stacks.layer import StacksOn
 from ..training.examples import ExampleSet, example_loss
 from .common import add_preset_args, domain_data, preset_of, writable_folder
 from .continual import run_continual
@@ -73,33 +74,56 @@ def write_random_base(preset: Preset, out: Path, folder: Path) -> None:
                               "pretrain": asdict(random_preset(preset).pretrain)})
 
 
-def run_summary(run: Path, manifest: dict) -> dict:
-    """Per domain: the loss before its first stack and after its last, the forgetting matrix, a greedy answer."""
-    domains = manifest["domains"]
+def run_summary(run: Path, manifest: dict, domains: tuple[str, ...] | None = None) -> dict:
+    """Per domain: the loss before its first stack and after its last, the forgetting matrix, a greedy answer.
+
+    `domains`: the run's first few (a run that went on past them is summarised as it stood after them: the
+    top-left block of its forgetting matrix, and answers with those domains' stacks alone on)."""
+    domains = list(domains or manifest["domains"])
+    if manifest["domains"][: len(domains)] != domains:
+        raise ValueError(f"{run}: its domains {manifest['domains']} do not begin with {domains}")
     first = {d: next(s for s in manifest["stacks"] if s["domain"] == d) for d in domains}
     last = {d: [s for s in manifest["stacks"] if s["domain"] == d][-1] for d in domains}
     sr = load_run(run, router=False)
+    on = StacksOn.weighted({d: 1.0 for d in domains})  # every one of them on, as ungated is over a whole run
     samples = {}
-    for d in domains:  # the first validation prompt of each domain, all stacks on (ungated), greedy
+    for d in domains:  # the first validation prompt of each domain, greedy
         ex = load_split(d, "val", sr.preset.data)[0]
-        gen = sr.generate(raw_prompt(ex), "ungated", max_new_tokens=48, prompt=ex.prompt(),
+        gen = sr.generate(raw_prompt(ex), on, max_new_tokens=48, prompt=ex.prompt(),
                           repetition_penalty=sr.preset.eval.repetition_penalty)
         samples[d] = {"prompt": raw_prompt(ex), "reference": ex.response, "answer": gen["completion"]}
+    n = len(domains)
     return {"run": str(run), "domains": domains,
             "before": {d: first[d]["pre_loss"] for d in domains}, "after": {d: last[d]["best_loss"] for d in domains},
-            "forgetting": manifest["forgetting"]["matrix"], "samples": samples}
+            "forgetting": [row[:n] for row in manifest["forgetting"]["matrix"][:n]], "samples": samples}
 
 
-def psn_v1(preset: Preset, out: str | Path, progress: bool = True) -> dict:
-    """Both continual runs (each resumes, or is reused when finished), then OUT/psn.json and psn.png."""
+def leading(preset: Preset, domains: tuple[str, ...] | None) -> tuple[str, ...]:
+    """`domains`, checked to be the first few of the preset's curriculum (None: all of it)."""
+    order = tuple(preset.continual.domains)
+    if domains is None:
+        return order
+    if not domains or order[: len(domains)] != tuple(domains):
+        raise ValueError(f"PSN runs the curriculum's first domains in order: {domains} does not begin {order}")
+    return tuple(domains)
+
+
+def psn_v1(preset: Preset, out: str | Path, progress: bool = True, domains: tuple[str, ...] | None = None,
+           folder: str | Path | None = None) -> dict:
+    """Both continual runs (each resumes, or is reused when finished), then OUT/psn.json and psn.png.
+
+    `domains`: the curriculum's first few only (the demo's short stage), the random base's run in `folder`
+    (default OUT/psn/random); the pretrained side is OUT/nullspace as it stood after them."""
     out = Path(out)
+    domains = leading(preset, domains)
     ensure_base(preset, out, progress)
-    folder = out / RANDOM
+    folder = Path(folder) if folder is not None else out / RANDOM
     write_random_base(preset, out, folder)
-    random_run = run_continual(random_preset(preset), folder, folder, progress)
+    short = replace(preset, continual=replace(preset.continual, domains=domains))
+    random_run = run_continual(random_preset(short), folder, folder, progress)
     pretrained_run = run_continual(preset, out, out / "nullspace", progress)
     result = {"v1": {"random": run_summary(folder, random_run),
-                     "pretrained": run_summary(out / "nullspace", pretrained_run)}, "paper": PAPER_PSN}
+                     "pretrained": run_summary(out / "nullspace", pretrained_run, domains)}, "paper": PAPER_PSN}
     path = out / "psn.json"
     previous = read_json(path) if path.is_file() else {}
     atomic_write_json(path, {**previous, **result})
@@ -115,10 +139,17 @@ def general_preset(preset: Preset) -> Preset:
     return replace(preset, pretrain=replace(preset.pretrain, template_share=0.0))
 
 
-def psn_v2(preset: Preset, out: str | Path, progress: bool = True) -> dict:
-    """The blocks in order (each resumed from its file when trained), the oracle gains, Figure 12's analogue."""
+def psn_v2(preset: Preset, out: str | Path, progress: bool = True, domains: tuple[str, ...] | None = None,
+           folder: str | Path | None = None, own_base: bool = False) -> dict:
+    """The blocks in order (each resumed from its file when trained), the oracle gains, Figure 12's analogue.
+
+    `domains`: the curriculum's first few only, the blocks in `folder` (default OUT/psn/v2). `own_base`: the
+    blocks over OUT's base as it is (the demo's short stage: no second pretraining) instead of v2's base
+    pretrained on general text alone; psn.json says which."""
     out = Path(out)
-    folder, cfg, gp = out / V2, preset.psn, general_preset(preset)
+    domains = leading(preset, domains)
+    folder, cfg = Path(folder) if folder is not None else out / V2, preset.psn
+    gp = preset if own_base else general_preset(preset)
     # a preset that pretrains on general text alone already (smoke) has v2's base in OUT: no second pretraining
     base_folder = out if gp.pretrain == preset.pretrain else folder
     ensure_base(gp, base_folder, progress)
@@ -127,7 +158,7 @@ def psn_v2(preset: Preset, out: str | Path, progress: bool = True) -> dict:
     record_path = folder / "blocks.json"
     blocks = read_json(record_path) if record_path.is_file() else {}
     directions = []
-    for i, domain in enumerate(preset.continual.domains):
+    for i, domain in enumerate(domains):
         train, val = domain_data(gp, tok, domain, preset.stack)
         basis = united_basis(directions, base.cfg.d_model)
         path = folder / "blocks" / f"{domain}.safetensors"
@@ -141,7 +172,7 @@ def psn_v2(preset: Preset, out: str | Path, progress: bool = True) -> dict:
             atomic_write_json(record_path, blocks)  # the record after the file: a record always has its block
         directions.append(block_directions(model, domain, val, cfg.ns_k))
     oracle = {}
-    for domain in preset.continual.domains:  # on the test split, which no block was trained or chosen on
+    for domain in domains:  # on the test split, which no block was trained or chosen on
         test = ExampleSet(tok, load_split(domain, "test", gp.data)[: preset.eval.n_loss], preset.stack.completion_only,
                           base.cfg.max_seq_len)
         model.weights = {}
@@ -149,7 +180,8 @@ def psn_v2(preset: Preset, out: str | Path, progress: bool = True) -> dict:
         model.weights = {domain: 1.0}
         with_block = example_loss(model, test)
         oracle[domain] = {"without": without, "with": with_block, "gain": without - with_block, "n": len(test.scored)}
-    result = {"domains": list(preset.continual.domains), "blocks": blocks, "oracle": oracle,
+    result = {"domains": list(domains), "blocks": {d: blocks[d] for d in domains}, "oracle": oracle,
+              "template_share": gp.pretrain.template_share,
               "figure12": figure12(model, tok, gp) if "code" in model.blocks else None,
               "router": block_router(model, tok, gp, progress), "base": str(base_folder)}
     path = out / "psn.json"
