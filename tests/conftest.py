@@ -4,6 +4,14 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # the suite runs in one worker per core (pyproject.toml: -n auto): each worker's torch, and every process
+    # it starts, on one thread, so that two workers never fight over the same cores (on 2 cores, two 2-thread
+    # processes stall each other's parallel regions; 1 and 2 threads take the same time at the tests' sizes)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 import pytest  # noqa: E402
 

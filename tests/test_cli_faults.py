@@ -13,8 +13,14 @@ import pytest
 import torch
 
 from ministacks import io
-from ministacks.__main__ import main
+from ministacks.__main__ import build_parser, main
 from ministacks.inference.stacked import StackedRun, describe_weights, parse_weights
+
+
+# Every command's module imported now, before any test patches a stage: a module imported for the first time
+# while a stage is patched (demo.py's `from .pretrain import stage_pretrain`) would keep the stand-in for good,
+# and every later test in this process (the demo's, say) would run it
+build_parser()
 
 
 def _interrupt(*args, **kwargs):
