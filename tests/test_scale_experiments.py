@@ -163,6 +163,25 @@ def test_without_the_hub_the_scripts_say_so_and_fall_back(capsys):
     assert "hub" not in recipe(DataConfig())["config"] and recipe(DataConfig(hub="gemma"))["config"]["hub"] == "gemma"
 
 
+def test_the_harness_runs_on_a_pretrained_run_and_its_choice_is_evals_choice(cpu_run, capsys):
+    """lm-evaluation-harness through the scale path: `eval --harness` on the Hugging Face base's run, in base /
+    ungated / routed mode; acc_mean (our wrapper's batched scoring, each row under its own route) equals eval's
+    own choice accuracy (every candidate as a whole example) on the same choice sets, as on the toy model."""
+    assert ministacks_main(["eval", "--run", str(cpu_run), "--no-progress", "--harness"]) == 0
+    assert "| ministacks_choice_medical | acc_mean |" in capsys.readouterr().out
+    e = json.loads((cpu_run / "nullspace" / "eval.json").read_text())
+    h = json.loads((cpu_run / "nullspace" / "harness.json").read_text())
+    assert h["modes"] == ["base", "ungated", "routed"]
+    compared = 0
+    for mode in h["modes"]:
+        for d in e["domains"]:
+            ours = e["results"][f"{mode}/{d}"]["choice"]
+            theirs = h["results"][f"ministacks_choice_{d}"][mode]["acc_mean"]
+            assert theirs["n"] == ours["n"] > 0 and theirs["value"] == pytest.approx(ours["correct"] / ours["n"])
+            compared += 1
+    assert compared == 9
+
+
 def test_rl_on_a_pretrained_run(cpu_run, capsys):
     """GRPO through the scale path: the run's last-trained domain (medical, the ICD codes' reward) on the Hugging
     Face base, with the same rl command (last in this file: it changes the run's last stack)."""
