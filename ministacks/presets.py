@@ -161,7 +161,8 @@ QUICK = Preset(
     eval=EvalConfig(n_loss=50, n_exact=100, n_choice=100, n_generate=3, max_new_tokens=96, n_panel_mixed=1, humaneval=10,
                     harness=HarnessConfig(n_choice=20, n_gsm=5)),
     # 10 steps of each: DPO's cost ~0.5 s a step, GRPO's ~4 s (3 prompts x 8 samples of up to 48 tokens,
-    # generated group by group, then two updates), measured on the demo's chat -> reasoning run
+    # then two updates), measured on the demo's chat -> reasoning run when the groups were generated one by one;
+    # all three in one left-padded batch now (rl/samples.py), their sampling ~1.5x faster
     rl=RLConfig(steps=10, prompts_per_step=3),
 )
 

@@ -129,14 +129,23 @@ class PretrainedLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, repetition_penalty: float = 1.0, eos_id: int | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 pad: torch.Tensor | None = None) -> torch.Tensor:
         """Transformer.generate's contract: [B, T] -> [B, T + n], n <= max_new_tokens, rows that finished padded
-        with eos_id, the same loop and sampling rule (ministacks.lm.model.decode); the decoder's own KV cache."""
+        with eos_id, the same loop and sampling rule (ministacks.lm.model.decode); the decoder's own KV cache.
+        `pad` [B]: rows left-padded by that many filler tokens, given to the decoder as Hugging Face takes left
+        padding (an attention mask without them, and each row's positions counted from its first real token)."""
         past = None  # the decoder's KV cache, carried from one call to the next
 
         def next_logits(step_input: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
             nonlocal past
-            out = self.hf(input_ids=step_input if use_cache else seq, past_key_values=past, use_cache=use_cache)
+            step = step_input if use_cache else seq
+            extra = {}
+            if pad is not None:
+                real = (torch.arange(seq.shape[1], device=seq.device)[None, :] >= pad.to(seq.device)[:, None]).long()
+                positions = (real.cumsum(-1) - 1).clamp(min=0)  # [B, L]
+                extra = {"attention_mask": real, "position_ids": positions[:, -step.shape[1]:]}
+            out = self.hf(input_ids=step, past_key_values=past, use_cache=use_cache, **extra)
             past = out.past_key_values if use_cache else None
             return out.logits[:, -1]
 

@@ -197,6 +197,29 @@ def test_generate_with_cache_equals_full_recomputation(kwargs):
     assert torch.equal(a, b)
 
 
+def test_left_padded_prompts_compute_what_each_computes_alone():
+    """Prompts of three lengths in one batch, padded on the left (lm/cache.py): every real position's logits
+    equal the prompt's own forward, and greedy generation with the cache (and without) continues each row as
+    the prompt alone does; a filler query reads its own key only, so no nan reaches a real position."""
+    from ministacks.lm.cache import left_padded
+
+    m = tiny_model()
+    prompts = [tokens(1, n, seed=n)[0].tolist() for n in (7, 2, 4)]
+    ids, pad = left_padded(prompts, 0)
+    assert pad.tolist() == [0, 5, 3] and ids[1, :5].tolist() == [0] * 5
+    with torch.no_grad():
+        logits = m(ids, pad=pad).logits
+    assert torch.isfinite(logits).all()
+    for b, p in enumerate(prompts):
+        with torch.no_grad():
+            alone = m(torch.tensor([p])).logits[0]
+        torch.testing.assert_close(logits[b, pad[b]:], alone, atol=1e-5, rtol=1e-5)
+    together = m.generate(ids, 8, pad=pad)
+    assert torch.equal(together, m.generate(ids, 8, pad=pad, use_cache=False))
+    for b, p in enumerate(prompts):
+        assert torch.equal(together[b, ids.shape[1]:], m.generate(torch.tensor([p]), 8)[0, len(p):])
+
+
 def test_greedy_is_argmax_and_top_k_1_equals_greedy():
     m = tiny_model()
     prompt = tokens(2, 4)

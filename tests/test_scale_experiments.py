@@ -11,6 +11,7 @@ from ministacks.__main__ import main as ministacks_main
 from ministacks.data import DataConfig
 from ministacks.data import hub
 from ministacks.data.splits import recipe
+from ministacks.lm.cache import left_padded
 from ministacks.presets import SMOKE
 from ministacks.stacks.layer import StackedLinear
 from scale.experiments import EXPERIMENTS, main
@@ -115,6 +116,12 @@ def test_the_pretrained_model_answers_as_ministacks_asks(tiny_folder, tmp_path):
     assert torch.equal(model.generate(ids, 6, use_cache=False), greedy)
     with pytest.raises(ValueError, match="max_seq_len"):
         model.generate(ids, 128)
+    # prompts of other lengths in one left-padded batch: each row continues as it does alone
+    prompts = [tok.encode(text, bos=True) for text in ("The cat sat on the mat.", "A dog.", "Two birds sang")]
+    batch, pad = left_padded(prompts, tok.pad_id)
+    together = model.generate(batch, 6, pad=pad)
+    for row, prompt in zip(together, prompts):
+        assert torch.equal(row[batch.shape[1]:], model.generate(torch.tensor([prompt]), 6)[0, len(prompt):])
 
 
 def test_a_folder_keeps_its_pretrained_base(tiny_folder, tmp_path):

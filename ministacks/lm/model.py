@@ -6,7 +6,8 @@ This file implements
   - rotary position embeddings (RoPE), "rotate_half" convention of Hugging Face Llama
   - `Attention`     : causal grouped-query attention through `F.scaled_dot_product_attention`
   - `MLP`           : SwiGLU, y = down(silu(gate(x)) * up(x))
-  - `KVCache`       : preallocated keys/values so decoding one token costs one token of compute
+  - the KV cache (lm/cache.py): preallocated keys/values so decoding one token costs one token of compute,
+                      and left padding, so prompts of different lengths generate in one batch
   - `Transformer`   : the decoder, its loss, `generate` (greedy / temperature / top-k / repetition
                       penalty / eos, through lm/decode.py) and a safetensors-friendly save/load of
                       tied embeddings
@@ -37,6 +38,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ministacks.lm.cache import KVCache, padded_mask, padded_positions
 from ministacks.lm.decode import decode
 
 
@@ -141,43 +143,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, H, T, D]; cos, sin: [T, D] (already sliced to the positions of x)."""
+    """x: [B, H, T, D]; cos, sin: [T, D] (already sliced to the positions of x), or [B, 1, T, D] per row."""
     return x * cos + rotate_half(x) * sin
-
-
-class KVCache:
-    """Keys and values of every layer for positions [0, length), preallocated up to `max_len`.
-
-    k, v: [n_layer, B, n_kv_head, max_len, head_dim]. A forward pass with T new tokens writes
-    positions [length, length+T) in every layer (`update`), then the model calls `advance(T)`.
-    Writing into a preallocated buffer instead of `torch.cat`-ing avoids a copy per token.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
-        self.max_len = max_len or cfg.max_seq_len
-        shape = (cfg.n_layer, batch_size, cfg.n_kv_head, self.max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v [B, n_kv, T, D] at the current position; return all keys/values so far."""
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache full: {end} positions > max_len={self.max_len}")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
-
-    def repeat_rows(self, rows: int) -> None:
-        """A one-row cache becomes `rows` copies of it: several continuations of one prefix read its keys."""
-        if self.k.shape[1] != 1:
-            raise ValueError(f"repeat_rows copies a one-row cache, not one of {self.k.shape[1]} rows")
-        self.k, self.v = self.k.repeat(1, rows, 1, 1, 1), self.v.repeat(1, rows, 1, 1, 1)
 
 
 def project(x: torch.Tensor, *projections: nn.Module) -> tuple[torch.Tensor, ...]:
@@ -202,7 +169,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(d, d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: KVCache | None = None) -> torch.Tensor:
+                kv_cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`mask` [B, 1, T, S]: the keys each query may read, where rows are left-padded (lm/cache.py)."""
         B, T, _ = x.shape  # H query heads, K kv heads, D head_dim
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
@@ -214,7 +182,9 @@ class Attention(nn.Module):
         if kv_cache is not None:
             start = kv_cache.length
             k, v = kv_cache.update(self.layer_idx, k, v)  # [B, K, start+T, D]
-        if start == 0:
+        if mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        elif start == 0:
             # training, or prefilling an empty cache: square causal attention, no mask materialised
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         elif T == 1:
@@ -252,8 +222,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -300,25 +270,33 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
                 output_hidden_states: bool = False, kv_cache: KVCache | None = None,
-                return_logits: bool = True, at: torch.Tensor | None = None) -> ModelOutput:
+                return_logits: bool = True, at: torch.Tensor | None = None,
+                pad: torch.Tensor | None = None) -> ModelOutput:
         """input_ids, labels: [B, T]. labels are aligned with input_ids (HF convention): position t
         predicts labels[t+1]; -100 marks positions that do not count. Returns logits [B, T, V]
         (None with `return_logits=False`, for callers that only want hidden states: the router's
         features skip the LM head, a quarter of a small model's forward). `at`, a bool mask [B, T]:
         the logits [N, V] at its N True positions in row-major order, and the LM head runs there only
-        (a prompt's positions are not scored, and the head is the largest matmul of a small model)."""
+        (a prompt's positions are not scored, and the head is the largest matmul of a small model).
+        `pad` [B]: rows left-padded by that many filler tokens (lm/cache.py; a KV cache carries its own)."""
         if at is not None and labels is not None:
             raise ValueError("forward takes labels (the mean loss over all positions) or at (some positions' logits), not both")
         B, T = input_ids.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # [T, D]
+        pad = kv_cache.pad if kv_cache is not None else pad
+        mask = None
+        if pad is None:
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # [T, D]
+        else:  # each row at its own positions, no query reading filler
+            pos = padded_positions(pad, start, T)  # [B, T]
+            cos, sin, mask = self.rope_cos[pos][:, None], self.rope_sin[pos][:, None], padded_mask(pad, start, T)
 
         x = self.embed_tokens(input_ids)  # [B, T, d]
         hidden = [x] if output_hidden_states else None
         for layer in self.layers:
-            x = layer(x, cos, sin, kv_cache)
+            x = layer(x, cos, sin, kv_cache, mask)
             if hidden is not None:
                 hidden.append(x)
         x = self.norm(x)
@@ -345,8 +323,10 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0,
                  top_k: int | None = None, repetition_penalty: float = 1.0, eos_id: int | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True) -> torch.Tensor:
-        """Continue B prompts of equal length T: [B, T] -> [B, T + n], n <= max_new_tokens.
+                 generator: torch.Generator | None = None, use_cache: bool = True,
+                 pad: torch.Tensor | None = None) -> torch.Tensor:
+        """Continue B prompts of equal length T: [B, T] -> [B, T + n], n <= max_new_tokens. Prompts of other
+        lengths: left-padded to T, `pad` [B] the filler count of each row (lm/cache.py's `left_padded`).
 
         temperature 0 is greedy; otherwise sample from softmax(logits / temperature), restricted to
         the top_k largest logits if given. Generation stops when every row has produced `eos_id`
@@ -357,11 +337,11 @@ class Transformer(nn.Module):
         cache = None
         if use_cache:
             p = self.embed_tokens.weight
-            cache = KVCache(self.cfg, B, T + max_new_tokens, dtype=p.dtype, device=p.device)
+            cache = KVCache(self.cfg, B, T + max_new_tokens, dtype=p.dtype, device=p.device, pad=pad)
 
         def next_logits(step_input: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
             # with the cache: the prompt first (prefill), then one token at a time; without: the whole sequence
-            return (self(step_input, kv_cache=cache) if use_cache else self(seq)).logits[:, -1]  # [B, V]
+            return (self(step_input, kv_cache=cache) if use_cache else self(seq, pad=pad)).logits[:, -1]  # [B, V]
 
         return decode(next_logits, input_ids, max_new_tokens, self.cfg.max_seq_len, temperature=temperature,
                       top_k=top_k, repetition_penalty=repetition_penalty, eos_id=eos_id, generator=generator)

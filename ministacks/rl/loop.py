@@ -59,7 +59,7 @@ from .guard import BlowUpGuard, GuardConfig
 from .objectives import (LOSS_TYPES, active_off, dpo_loss, dpo_metrics, group_advantages, grpo_loss, reinforce_loss,
                          sequence_logps, token_logps, variance_share)
 from .rewards import reward_for, rewardable
-from .samples import (NonFinitePolicy, Pair, batch_of, greedy_replies, pair_batch, reply_pairs, sample_group,
+from .samples import (NonFinitePolicy, Pair, batch_of, greedy_replies, pair_batch, reply_pairs, sample_groups,
                       sampled_pairs, text_of)
 
 METHODS = ("dpo", "grpo", "reinforce")
@@ -179,16 +179,15 @@ class Aligner:
         cfg = self.cfg
         g = torch.Generator().manual_seed(self.seed * 100_003 + step)
         chosen = [self.prompts[i] for i in _batch_at(len(self.prompts), step, cfg.prompts_per_step, self.seed)]
-        rows, rewards = [], []
-        for ex in chosen:
-            try:
-                prompt, completions = sample_group(self.model, self.tok, ex, cfg.group, cfg.max_new_tokens,
-                                                   cfg.temperature, cfg.top_k, g)
-            except NonFinitePolicy as e:  # no loss to compute: the guard's verdict instead
-                yield None, {"problem": str(e)}, []
-                return
-            rows += [(prompt, c) for c in completions]
-            rewards.append([self.reward(ex.prompt(), text_of(self.tok, c), ex) for c in completions])
+        try:
+            groups = sample_groups(self.model, self.tok, chosen, cfg.group, cfg.max_new_tokens, cfg.temperature,
+                                   cfg.top_k, g)
+        except NonFinitePolicy as e:  # no loss to compute: the guard's verdict instead
+            yield None, {"problem": str(e)}, []
+            return
+        rows = [(prompt, c) for prompt, completions in groups for c in completions]
+        rewards = [[self.reward(ex.prompt(), text_of(self.tok, c), ex) for c in completions]
+                   for ex, (_, completions) in zip(chosen, groups)]
         r = torch.tensor(rewards)  # [P, G]
         batch = batch_of(rows, self.tok.pad_id)
         mask = batch.completion

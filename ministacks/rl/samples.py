@@ -10,7 +10,8 @@ seeded permutation of the examples (never the example itself, never an identical
 
 GRPO groups: G completions of one prompt, sampled from the policy as it is (eval mode: no routing
 noise, so the sampler and the learner are the same distribution) with the KV-cache generator
-(lm/model.py's `generate`), `temperature` and `top_k` as configured, each up to the first eos.
+(lm/model.py's `generate`), `temperature` and `top_k` as configured, each up to the first eos; a
+step's P groups are sampled together, P·G rows with the prompts left-padded (lm/cache.py).
 
 Every sequence is `<bos> prompt completion`, right-padded: position t of the completion mask is True
 where token t belongs to the completion (its eos included, so ending is learnt too). Right padding is
@@ -27,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..data.example import Example
+from ..lm.cache import left_padded
 from ..lm.tokenizer import Tokenizer
 from ..runtime import training_state
 
@@ -113,21 +115,34 @@ class NonFinitePolicy(RuntimeError):
 
 
 @torch.no_grad()
-def sample_group(model: nn.Module, tok: Tokenizer, ex: Example, group: int, max_new_tokens: int,
-                 temperature: float, top_k: int | None, generator: torch.Generator) -> tuple[list[int], list[list[int]]]:
-    """G sampled completions of one prompt: (prompt ids, [completion ids] * G)."""
-    prompt = tok.encode(ex.prompt(), bos=True)
-    budget = min(max_new_tokens, model.cfg.max_seq_len - len(prompt))
-    x = torch.tensor([prompt] * group)
+def sample_groups(model: nn.Module, tok: Tokenizer, examples: Sequence[Example], group: int, max_new_tokens: int,
+                  temperature: float, top_k: int | None, generator: torch.Generator
+                  ) -> list[tuple[list[int], list[list[int]]]]:
+    """G sampled completions of each prompt: [(prompt ids, [completion ids] * G)] in the examples' order.
+
+    Every group in one batch of P·G rows, the prompts left-padded to the longest (lm/cache.py): one decoding
+    loop where group by group there were P (at the quick preset, 3 groups of 8 on the demo's reasoning run:
+    1.4 s against 2.1 s, measured in one run)."""
+    prompts = [tok.encode(ex.prompt(), bos=True) for ex in examples]
+    rows = [p for p in prompts for _ in range(group)]  # [P·G], a prompt's G rows together
+    x, pad = left_padded(rows, tok.pad_id)
+    budget = min(max_new_tokens, model.cfg.max_seq_len - x.shape[1])
     with training_state(model, False):  # the policy as it answers: no routing noise
         try:
             out = model.generate(x, budget, temperature=temperature, top_k=top_k, eos_id=tok.eos_id,
-                                 generator=generator)
+                                 generator=generator, pad=pad if bool(pad.any()) else None)
         except RuntimeError as e:
             if "probability tensor" not in str(e):  # torch.multinomial's complaint about inf / nan
                 raise
             raise NonFinitePolicy(f"the policy's next-token probabilities are not finite ({e})") from None
-    return prompt, [completion_ids(row, tok.eos_id) for row in out[:, len(prompt):]]
+    done = [completion_ids(row, tok.eos_id) for row in out[:, x.shape[1]:]]
+    return [(p, done[i * group:(i + 1) * group]) for i, p in enumerate(prompts)]
+
+
+def sample_group(model: nn.Module, tok: Tokenizer, ex: Example, group: int, max_new_tokens: int,
+                 temperature: float, top_k: int | None, generator: torch.Generator) -> tuple[list[int], list[list[int]]]:
+    """G sampled completions of one prompt: (prompt ids, [completion ids] * G)."""
+    return sample_groups(model, tok, [ex], group, max_new_tokens, temperature, top_k, generator)[0]
 
 
 def text_of(tok: Tokenizer, completion: list[int]) -> str:
