@@ -150,26 +150,26 @@ def text_of(tok: Tokenizer, completion: list[int]) -> str:
     return tok.decode([t for t in completion if t != tok.eos_id])
 
 
-# -- greedy answers, batched by prompt length ---------------------------------------------------------------
+# -- greedy answers, batched -----------------------------------------------------------------------------
 
 @torch.no_grad()
 def greedy_replies(model: nn.Module, tok: Tokenizer, examples: Sequence[Example], max_new_tokens: int,
                    max_len: int, batch_size: int = 32) -> list[str]:
     """The greedy reply to every example (plain greedy, no repetition penalty: the policy's own most
-    likely answer, the one RL moves), prompts of equal token length generated together."""
+    likely answer, the one RL moves), `batch_size` prompts at a time in order of length, left-padded
+    (lm/cache.py), each batch answering in what its longest prompt leaves of `max_len` (at most
+    max_new_tokens); a prompt that leaves no room gets "". (By length, the quick demo's 40 reasoning
+    prompts took 8.9 s where prompts of one length were generated together, 2.5 s left-padded, with the
+    same 40 replies: measured in one run.)"""
     prompts = [tok.encode(ex.prompt(), bos=True) for ex in examples]
     replies = [""] * len(examples)
-    by_length: dict[int, list[int]] = {}
-    for i, p in enumerate(prompts):
-        by_length.setdefault(len(p), []).append(i)
+    order = sorted((i for i, p in enumerate(prompts) if len(p) < max_len), key=lambda i: len(prompts[i]))
     with training_state(model, False):
-        for length, rows in sorted(by_length.items()):
-            budget = min(max_new_tokens, max_len - length)
-            if budget <= 0:
-                continue
-            for b in range(0, len(rows), batch_size):
-                chunk = rows[b : b + batch_size]
-                out = model.generate(torch.tensor([prompts[i] for i in chunk]), budget, eos_id=tok.eos_id)
-                for i, row in zip(chunk, out[:, length:]):
-                    replies[i] = text_of(tok, completion_ids(row, tok.eos_id))
+        for b in range(0, len(order), batch_size):
+            chunk = order[b : b + batch_size]
+            ids, pad = left_padded([prompts[i] for i in chunk], tok.pad_id)
+            budget = min(max_new_tokens, max_len - ids.shape[1])
+            out = model.generate(ids, budget, eos_id=tok.eos_id, pad=pad if bool(pad.any()) else None)
+            for i, row in zip(chunk, out[:, ids.shape[1]:]):
+                replies[i] = text_of(tok, completion_ids(row, tok.eos_id))
     return replies
