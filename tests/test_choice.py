@@ -74,9 +74,8 @@ def test_each_prompt_once_gives_what_the_whole_candidates_give():
     losses equal example_losses of every candidate as a whole example, with stacks on under per-prompt
     weights, and so the choice does."""
     from ministacks.evaluation.choice import shared_prompt_losses
-    from ministacks.lm.model import ModelConfig, Transformer
-    from ministacks.stacks.layer import AdapterConfig, add_stack, freeze_active, inject_stacks, make_adapter, stacked_layers
     from ministacks.training.examples import ExampleSet, example_losses
+    from stacked import tiny_stacked
     from dataclasses import replace
 
     words = ["apple", "banana", "cherry", "date", "elder", "fig"]
@@ -84,17 +83,7 @@ def test_each_prompt_once_gives_what_the_whole_candidates_give():
     split = [Example("chat", f"name fruit {w}", "", f"{w} is {w}" + " ripe" * (i % 3), None, "fruit:list")
              for i, w in enumerate(words)]
     sets = choice_sets(tok, split, max_len=512, n=10)
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=512,
-                                    vocab_size=tok.vocab_size))
-    inject_stacks(model)
-    for domain in ("chat", "math"):
-        add_stack(model, make_adapter("moe", AdapterConfig(r=4)))
-        with torch.no_grad():
-            for layer in stacked_layers(model):
-                layer.active.lora_B.normal_(std=0.2)
-        freeze_active(model, domain)
-    model.eval()
+    model = tiny_stacked(tok.vocab_size, ("chat", "math"), std=0.2, seed=0)
     weights = Weights(per_prompt=[{"chat": 0.9}, {"math": 0.5}, {}, {"chat": 1.0, "math": 1.0}, {"math": 0.3},
                                   {"chat": 0.4}][: len(sets)])
     losses, scored = shared_prompt_losses(model, tok, split, sets, weights)

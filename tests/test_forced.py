@@ -157,22 +157,12 @@ def test_per_prompt_weights_are_set_before_each_forward_and_undone_after():
 def test_routed_examples_in_shared_batches_score_as_each_alone():
     """Per-prompt weights batched (per-row stack weights) give every example the loss it has alone under its
     own weights: the routed modes share batches without changing a number."""
-    from ministacks.stacks.layer import AdapterConfig, add_stack, freeze_active, make_adapter
     from ministacks.training.examples import ExampleSet, example_losses
+    from stacked import tiny_stacked
 
     words = ["apple", "banana", "cherry", "date", "elder", "fig", "grape"]
     tok = Tokenizer.train([f"name fruit {w} is {w} and more" for w in words] * 20, vocab_size=300)
-    torch.manual_seed(3)
-    model = Transformer(ModelConfig(n_layer=2, d_model=32, n_head=4, n_kv_head=2, max_seq_len=512,
-                                    vocab_size=tok.vocab_size))
-    inject_stacks(model)
-    for domain in ("chat", "math", "chat"):
-        add_stack(model, make_adapter("moe", AdapterConfig(r=4)))
-        with torch.no_grad():
-            for layer in stacked_layers(model):
-                layer.active.lora_B.normal_(std=0.1)
-        freeze_active(model, domain)
-    model.eval()
+    model = tiny_stacked(tok.vocab_size, ("chat", "math", "chat"), std=0.1, seed=3)
     examples = [Example("chat", f"name fruit {w}", "", f"{w} is {w}" + " and more" * (i % 3), None, "x")
                 for i, w in enumerate(words)]
     routes = [{"chat": 0.9}, {"math": 0.6, "chat": 0.3}, {}, {"chat": 0.1, "math": 1.0}, {"chat": 1.0, "math": 1.0},
