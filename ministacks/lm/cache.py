@@ -54,13 +54,15 @@ class KVCache:
         self.k, self.v = self.k.repeat(1, rows, 1, 1, 1), self.v.repeat(1, rows, 1, 1, 1)
 
 
-def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists of any lengths -> (ids [B, T] padded on the left with pad_id, pad [B]: each row's filler count)."""
+def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Token lists of any lengths -> (ids [B, T] padded on the left with pad_id, pad [B]: each row's filler count;
+    None where every prompt has length T, so the model runs its plain path, as for one prompt)."""
     T = max(map(len, prompts))
     ids = torch.full((len(prompts), T), pad_id)
     for b, p in enumerate(prompts):
         ids[b, T - len(p):] = torch.tensor(p)
-    return ids, torch.tensor([T - len(p) for p in prompts])
+    pad = torch.tensor([T - len(p) for p in prompts])
+    return ids, pad if bool(pad.any()) else None
 
 
 def padded_positions(pad: torch.Tensor, start: int, T: int) -> torch.Tensor:

@@ -130,7 +130,7 @@ def sample_groups(model: nn.Module, tok: Tokenizer, examples: Sequence[Example],
     with training_state(model, False):  # the policy as it answers: no routing noise
         try:
             out = model.generate(x, budget, temperature=temperature, top_k=top_k, eos_id=tok.eos_id,
-                                 generator=generator, pad=pad if bool(pad.any()) else None)
+                                 generator=generator, pad=pad)
         except RuntimeError as e:
             if "probability tensor" not in str(e):  # torch.multinomial's complaint about inf / nan
                 raise
@@ -169,7 +169,7 @@ def greedy_replies(model: nn.Module, tok: Tokenizer, examples: Sequence[Example]
             chunk = order[b : b + batch_size]
             ids, pad = left_padded([prompts[i] for i in chunk], tok.pad_id)
             budget = min(max_new_tokens, max_len - ids.shape[1])
-            out = model.generate(ids, budget, eos_id=tok.eos_id, pad=pad if bool(pad.any()) else None)
+            out = model.generate(ids, budget, eos_id=tok.eos_id, pad=pad)
             for i, row in zip(chunk, out[:, ids.shape[1]:]):
                 replies[i] = text_of(tok, completion_ids(row, tok.eos_id))
     return replies
