@@ -138,6 +138,18 @@ def test_arithmetic_keeps_exact_integer_answers_in_one_spelling():
     assert math_module.arithmetic_example("2 ** 3", "8") is None  # not one of + - * /
 
 
+def test_unsigned_sums_are_one_operator_on_numbers_from_0_to_100():
+    exs = math_module.arithmetic(200, 0, ops="+", signed=False)
+    assert len(exs) == 200 and all(ex.source == math_module.ARITHMETIC_SOURCE for ex in exs)
+    for ex in exs:
+        a, b = (int(t) for t in ex.instruction.removeprefix("Calculate ").removesuffix(".").split(" + "))
+        assert 0 <= a <= 100 and 0 <= b <= 100 and ex.answer == str(a + b)
+    signed = math_module.arithmetic(200, 0)
+    assert any("-" in ex.instruction for ex in signed) and {"*", "/"} & set("".join(ex.instruction for ex in signed))
+    with pytest.raises(ValueError, match="arithmetic_ops"):
+        dataclasses.replace(SMALL, arithmetic_ops="+^")
+
+
 def test_arithmetic_share_zero_is_the_word_problems_alone(tmp_path):
     cfg = dataclasses.replace(SMALL, arithmetic_share=0.0)
     splits = load_domain_splits("math", cfg, tmp_path)
@@ -222,6 +234,9 @@ def test_cache_is_reused_and_keyed_by_config(built, cache, monkeypatch):
     assert [f.stat().st_mtime_ns for f in files] == mtimes
     assert recipe_dir(dataclasses.replace(SMALL, seed=1), cache) != folder
     assert recipe_dir(dataclasses.replace(SMALL, max_example_chars=1000), cache) != folder
+    assert recipe_dir(dataclasses.replace(SMALL, arithmetic_ops="+"), cache) != folder
+    # a field added later, left at its default, leaves the recipe (and so the cache) as it was
+    assert not {"hub", "arithmetic_ops", "arithmetic_signed"} & set(splits_module.recipe(SMALL)["config"])
 
 
 # --- user data ------------------------------------------------------------------------------------

@@ -93,3 +93,16 @@ def test_general_text_sentence_follows_the_intervals():
     assert general_table(e)[2] == "| base | 3.0000 | – |"
     assert general_table(e)[3] == "| ungated | 3.3000 | +0.3000 [+0.1000, +0.5000] |"
     assert general_table({}) == [] and "was not measured" in general_finding({"modes": ["base"]})
+
+
+def test_rl_sentence_counts_the_steps_without_an_update():
+    from ministacks.report.rl import rl_section
+
+    measure = {"measure": "accuracy", "accuracy": 0.25, "n": 40, "ci95": [0.14, 0.4], "val_loss": 1.0}
+    curve = [{"step": 1, "variance_share": 1 / 3, "update": True}, {"step": 1, "variance_share": 1 / 3, "update": True},
+             {"step": 2, "variance_share": 0.0, "update": False}, {"step": 3, "variance_share": 0.0, "update": False}]
+    r = {"method": "grpo", "steps_run": 3, "before": measure, "after": {**measure, "accuracy": 0.3}, "curve": curve,
+         "guard": None}
+    text = rl_section({"domains": {"reasoning": r}}, plot=None)
+    assert "11% of the sampled groups had any reward variance" in text  # per step: (1/3 + 0 + 0) / 3
+    assert "2 of its 3 steps had none in any group, so made no update" in text

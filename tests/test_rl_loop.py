@@ -98,8 +98,15 @@ def test_dpo_pairs_are_true_reply_against_another_prompts():
         assert scored.ids[row][scored.completion[row]].tolist() == p.chosen
 
 
+@pytest.fixture
+def varying_reward(monkeypatch):
+    """A reward that differs within a group (an even-length reply earns 1): the random tiny model never earns
+    math's, and a GRPO step whose groups' rewards are all equal makes no update."""
+    monkeypatch.setattr("ministacks.rl.loop.reward_for", lambda domain: lambda prompt, reply, ex: float(len(reply) % 2 == 0))
+
+
 @pytest.mark.parametrize("method", ["dpo", "grpo"])
-def test_a_blow_up_restores_the_last_good_stack_and_stops(method):
+def test_a_blow_up_restores_the_last_good_stack_and_stops(method, varying_reward):
     model, tok, train, val = _tiny()
     seen = {}
 
@@ -121,7 +128,7 @@ def test_a_blow_up_restores_the_last_good_stack_and_stops(method):
     assert r["after"]["step"] == r["guard"]["step"] and r["steps_run"] < CFG.steps
 
 
-def test_a_killed_run_resumes_to_the_same_result(tmp_path):
+def test_a_killed_run_resumes_to_the_same_result(tmp_path, varying_reward):
     class Kill(Exception):
         pass
 
@@ -138,7 +145,7 @@ def test_a_killed_run_resumes_to_the_same_result(tmp_path):
                     after_update=kill)
     model, tok, train, val = _tiny()  # a fresh process: the SFT stack again, then the checkpoint
     resumed = align_stack(model, tok, "math", "grpo", train, val, lambda: 0.0, CFG, ckpt_dir=tmp_path, progress=False)
-    assert [c["loss"] for c in resumed["curve"]] == [c["loss"] for c in full["curve"]]
+    assert full["updates"] > 5 and [c["loss"] for c in resumed["curve"]] == [c["loss"] for c in full["curve"]]
     assert resumed["after"]["accuracy"] == full["after"]["accuracy"]
     for a, b in zip(_stack(model), end):
         for k in a:
@@ -154,3 +161,19 @@ def test_dpo_against_the_policys_own_replies():
     assert r["n_train"] > 0 and r["updates"] == 2 and r["guard"] is None
     with pytest.raises(ValueError, match="rejected"):
         align_stack(model, tok, "math", "dpo", train, val, lambda: 0.0, RLConfig(rejected="judge"), progress=False)
+
+
+def test_grpo_makes_no_update_when_no_groups_rewards_vary(monkeypatch):
+    monkeypatch.setattr("ministacks.rl.loop.reward_for", lambda domain: lambda prompt, reply, ex: 0.0)
+    model, tok, train, val = _tiny()
+    start = _stack(model)
+    r = align_stack(model, tok, "math", "grpo", train, val, lambda: 0.0, CFG, progress=False)
+    # a reward no reply earns: every group's rewards are all 0, every advantage is 0
+    assert r["curve"] and all(c["variance_share"] == 0 and c["update"] is False for c in r["curve"])
+    assert r["updates"] == 0 and r["guard"] is None and r["steps_run"] == CFG.steps
+    for now, before in zip(_stack(model), start):  # AdamW never stepped: the stack is the SFT stack
+        for k in before:
+            assert torch.equal(now[k], before[k]), k
+    cfg = RLConfig(**{**CFG.__dict__, "kl_beta": 0.1})  # with a KL term there is a gradient all the same
+    model, tok, train, val = _tiny()
+    assert align_stack(model, tok, "math", "grpo", train, val, lambda: 0.0, cfg, progress=False)["updates"] > 0

@@ -67,17 +67,22 @@ def test_ministacks_commands_work_on_a_pretrained_run(cpu_run, capsys):
     assert "[base: base (every stack off)]" in out and "[routed: " in out
 
 
-@pytest.mark.parametrize("name", ["exp1", "exp2", "exp3"])
+@pytest.mark.parametrize("name", ["exp1", "exp2", "exp3", "rl"])
 def test_every_paper_script_runs_end_to_end_on_a_tiny_base(name, tmp_path):
     exp = EXPERIMENTS[name]
     assert main(name, ["--tiny", "--out", str(tmp_path), "--no-progress"]) == 0
     summary = json.loads((tmp_path / "experiment.json").read_text())
     assert summary["stages"] == list(exp.stages)
     expected = {"compare": "compare.json", "boost": "boost.json", "continual": "forgetting.json",
-                "route": "router.json", "eval": "eval.json"}
+                "route": "router.json", "eval": "eval.json", "rl": "rl/rl.json"}
     for stage in exp.stages:
         assert (tmp_path / expected[stage]).is_file(), stage
-    assert "## Findings: the paper's, and ours" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    if name == "rl":  # SFT, then GRPO on math's stack before it is frozen: its curve and before / after
+        rl = json.loads((tmp_path / "rl" / "rl.json").read_text())["domains"]["math"]
+        assert rl["method"] == "grpo" and rl["steps_run"] == SMOKE.rl.steps and "## RL after SFT" in report
+    else:
+        assert "## Findings: the paper's, and ours" in report
 
 
 def test_the_paper_configs_hold_the_papers_values():

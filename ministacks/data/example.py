@@ -95,6 +95,8 @@ class DataConfig:
                                       # math accuracy could not tell one model from another. Half: 100 of the
                                       # 200 test examples, enough for a 95% interval within ±10 points on
                                       # the task a small model can answer. 0: word problems only
+    arithmetic_ops: str = "+-*/"      # the arithmetic's operators (a subset of "+-*/"), and whether its numbers
+    arithmetic_signed: bool = True    # may be negative (False: 0 to 100): "+" unsigned is the easiest (scale/rl.py)
     hub: str = ""                     # "": the embedded corpora; "tinyllama" / "gemma": the paper's data sets for
                                       # that base, from the Hugging Face hub (hub.py), through the same recipe
 
@@ -112,6 +114,8 @@ class DataConfig:
             raise ValueError(f"oversample must be >= 1.0, got {self.oversample}")
         if not 0.0 <= self.arithmetic_share <= 1.0:
             raise ValueError(f"arithmetic_share must be in [0, 1] (0: word problems only), got {self.arithmetic_share}")
+        if not self.arithmetic_ops or set(self.arithmetic_ops) - set("+-*/"):
+            raise ValueError(f"arithmetic_ops must be a non-empty subset of '+-*/', got {self.arithmetic_ops!r}")
         if self.hub not in ("", "tinyllama", "gemma"):
             raise ValueError(f"hub must be '', 'tinyllama' or 'gemma' (the paper's data sets), got {self.hub!r}")
         unknown = sorted(set(self.reasoning_tasks) - set(REASONING_TASKS))

@@ -109,10 +109,13 @@ def word_problems(size: int, seed: int) -> list[Example]:
     return examples
 
 
-def arithmetic(size: int, seed: int) -> list[Example]:
+def arithmetic(size: int, seed: int, ops: str = "+-*/", signed: bool = True) -> list[Example]:
     import reasoning_gym
 
-    items = reasoning_gym.create_dataset(ARITHMETIC, size=size, seed=seed, **ARITHMETIC_SETTINGS) if size else []
+    # unsigned: the generator's "simple" task, whose numbers run from 0 to 10^digits (its default draws signed ones)
+    settings = {**ARITHMETIC_SETTINGS, "operators": tuple(ops), **({} if signed else {"allow_parentheses": False})}
+
+    items = reasoning_gym.create_dataset(ARITHMETIC, size=size, seed=seed, **settings) if size else []
     examples = (arithmetic_example(item["metadata"]["expression"], str(item["answer"]).strip()) for item in items)
     return [ex for ex in examples if ex is not None]
 
@@ -122,4 +125,4 @@ def build(cfg: DataConfig) -> list[Example]:
     # filter still leave enough (one-digit sums repeat often; long word-problem solutions are dropped)
     n_arithmetic = round(cfg.arithmetic_share * cfg.max_examples)
     return (word_problems(int((cfg.max_examples - n_arithmetic) * cfg.oversample), cfg.seed)
-            + arithmetic(int(n_arithmetic * cfg.oversample), cfg.seed))
+            + arithmetic(int(n_arithmetic * cfg.oversample), cfg.seed, cfg.arithmetic_ops, cfg.arithmetic_signed))

@@ -115,6 +115,10 @@ def interleave(parts: list[list[Example]]) -> list[Example]:
 
 # --- the cache ------------------------------------------------------------------------------------
 
+# DataConfig fields added after the embedded corpora were first cached, with their "nothing new" defaults
+NEWER_FIELDS = {"hub": "", "arithmetic_ops": "+-*/", "arithmetic_signed": True}
+
+
 def recipe(cfg: DataConfig) -> dict:
     """Everything that determines the bytes of the corpora."""
     versions = {}
@@ -127,7 +131,7 @@ def recipe(cfg: DataConfig) -> dict:
         "recipe_version": RECIPE_VERSION,
         # a config field left at its "nothing new" default is left out, so the embedded corpora keep the hash
         # (and the cache) they had before the field existed
-        "config": {k: v for k, v in asdict(cfg).items() if not (k == "hub" and v == "")},
+        "config": {k: v for k, v in asdict(cfg).items() if not (k in NEWER_FIELDS and v == NEWER_FIELDS[k])},
         "packages": versions,
         "python": f"{sys.implementation.name}-{platform.python_version()}",
     }

@@ -24,7 +24,12 @@ def plot_rl(results: dict[str, dict], path: str | Path) -> Path:
     for row, (domain, r) in zip(axes, results.items()):
         curve, method = r["curve"], r["method"]
         steps = [c["step"] for c in curve]
-        row[0].plot(steps, [c["loss"] for c in curve], ".-", lw=1)
+        updates = [c for c in curve if c.get("update", True)]
+        row[0].plot([c["step"] for c in updates], [c["loss"] for c in updates], ".-", lw=1)
+        idle = [c["step"] for c in curve if c.get("update", True) is False]
+        if idle:  # GRPO steps whose groups' rewards were all equal: no gradient, no update
+            row[0].plot(idle, [0.0] * len(idle), "x", color="gray", label="no update (no reward variance)")
+            row[0].legend(fontsize=7)
         row[0].set_title(f"{domain} {method}: loss per update")
         if method == "dpo":
             row[1].plot(steps, [c["reward_accuracy"] for c in curve], ".-", lw=1, label="reward accuracy")
@@ -82,10 +87,13 @@ def rl_section(summary: dict | None, plot: str | None = "rl.png") -> str:
     for domain, r in results.items():
         sentence = f"- {domain} ({r['method']}): {r['before']['measure'].replace('_', ' ')} {_verdict(r['before'], r['after'])}"
         if r["method"] != "dpo":
-            shares = [c["variance_share"] for c in r["curve"]]
-            if shares:
+            steps = {c["step"]: c for c in r["curve"]}  # GRPO logs each of a step's updates: one per step here
+            if steps:
+                shares = [c["variance_share"] for c in steps.values()]
+                idle = sum(1 for c in steps.values() if c.get("update") is False)
                 sentence += (f"; {sum(shares) / len(shares):.0%} of the sampled groups had any reward variance "
-                             "(the rest teach GRPO nothing)")
+                             f"(the rest teach GRPO nothing), and {idle} of its {len(steps)} steps had none in any "
+                             "group, so made no update")
         if r["guard"]:
             sentence += f"; the guard stopped it at step {r['guard']['step']} ({r['guard']['reason']}) and restored the last good stack"
         lines.append(sentence + ".")

@@ -11,6 +11,8 @@ docs/brainstacks.md).
         DPO              a batch of pairs, dpo_loss against the reference (objectives.py)
         GRPO             P prompts x G samples, rewards, group advantages, `inner_steps` clipped updates
         REINFORCE        the same groups, one on-policy update of −(r − mean) log π
+                         (no group's rewards vary: every advantage and the gradient are 0, so no update —
+                         AdamW would otherwise keep moving the stack on the moments of earlier steps)
         guard            non-finite or jumping loss / gradient norm / reward: restore the last good
                          stack and stop (guard.py); else AdamW on the active stack alone
     after                the same measures, on the same examples
@@ -63,6 +65,7 @@ from .samples import (NonFinitePolicy, Pair, batch_of, greedy_replies, pair_batc
                       sampled_pairs, text_of)
 
 METHODS = ("dpo", "grpo", "reinforce")
+NO_SIGNAL = "no signal"  # a step's stand-in for a loss when no group's rewards vary (GRPO without KL, REINFORCE)
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,9 @@ class Aligner:
         logs = {"reward": float(r.mean()), "variance_share": variance_share(r),
                 "length": float(mask.sum(-1).float().mean())}
         flat = [float(v) for v in r.flatten()]
+        if not logs["variance_share"] and not (self.method == "grpo" and cfg.kl_beta):
+            yield NO_SIGNAL, logs, flat  # every advantage is 0, and so is the gradient: no update to make
+            return
         if self.method == "reinforce":
             logps = token_logps(self.model, batch.ids, mask)
             G = cfg.group
@@ -262,28 +268,32 @@ def align_stack(model: nn.Module, tok: Tokenizer, domain: str, method: str, trai
             t0 = time.perf_counter()
             losses = al.dpo_losses(step) if method == "dpo" else al.group_losses(step)
             for loss, logs, rewards in losses:
+                update = loss is not None and loss is not NO_SIGNAL
                 if loss is None:  # the policy could not even be sampled from
-                    restore_active(model, good)
-                    result["guard"] = {"step": step + 1, "reason": logs["problem"], "restored": "the last good stack"}
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))  # before clipping
-                checked = {"loss": float(loss.detach()), "grad_norm": norm}
-                problem = guard.problem(checked, rewards)
+                    checked, problem = {}, logs["problem"]
+                elif not update:  # nothing to learn: no optimizer step (AdamW would still move on its old moments)
+                    checked = {"loss": 0.0, "grad_norm": 0.0}
+                    problem = guard.problem({}, rewards)
+                else:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))  # before clipping
+                    checked = {"loss": float(loss.detach()), "grad_norm": norm}
+                    problem = guard.problem(checked, rewards)
                 if problem is not None:
                     restore_active(model, good)  # the weights of the last step whose checks passed
                     result["guard"] = {"step": step + 1, "reason": problem, "restored": "the last good stack"}
                     break
-                good = snapshot_active(model)  # these weights gave a sound loss and gradient: the last good ones
-                guard.accept(checked)
-                opt.step()
-                if after_step is not None:
-                    after_step(model)
-                result["updates"] += 1
-                if after_update is not None:
-                    after_update(model, result["updates"])
-                result["curve"].append({"step": step + 1, **checked, **logs})
+                if update:
+                    good = snapshot_active(model)  # these weights gave a sound loss and gradient: the last good ones
+                    guard.accept(checked)
+                    opt.step()
+                    if after_step is not None:
+                        after_step(model)
+                    result["updates"] += 1
+                    if after_update is not None:
+                        after_update(model, result["updates"])
+                result["curve"].append({"step": step + 1, **checked, **logs, "update": update})
             result["seconds"] += time.perf_counter() - t0
             result["steps_run"] = step + 1
             stop = result["guard"] is not None
