@@ -169,8 +169,9 @@ QUICK = Preset(
 # The paper preset: a base 2.7x quick's (6 layers, d=384: one pretraining step of 16 x 256 tokens ~2.6 s on
 # 2 cores against quick's ~1.0 s; a stack step of 8 x 256 ~1.3 s against ~0.55 s), trained about twice as long
 # as quick at every stage, and sized to finish its whole pipeline (the demo's stages) in about an hour on 2
-# cores (measured: 63 min 19 s from no cached corpora, the stages in README): its first settings (600 pretraining steps, 200-step rounds of 16 x 256, 2 x 120 continual steps per
-# domain, evaluation at n = 200) came to 4-5 hours by the same per-step costs, and were never run whole.
+# cores (measured: 63 min 19 s from no cached corpora, the stages in README). Its first settings (600
+# pretraining steps, 200-step rounds of 16 x 256, 2 x 120 continual steps per domain, evaluation at n = 200)
+# came to 4-5 hours by the same per-step costs, and were never run whole.
 # Against the paper it still cuts steps (64 per round against 400-500, batch 8 against 16) and keeps one
 # continual round per domain (Gemma's 2 would double the longest stage).
 PAPER = Preset(

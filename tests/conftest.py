@@ -25,3 +25,11 @@ def _private_cache(tmp_path_factory):
     else:
         os.environ["MINISTACKS_CACHE"] = str(tmp_path_factory.mktemp("ministacks-cache"))
     yield
+
+
+@pytest.fixture
+def varying_reward(monkeypatch):
+    """Every domain's RL reward replaced by one that differs within a group (an even-length reply earns 1): the
+    tests' random and smoke models never earn math's, and a GRPO step whose groups' rewards are all equal makes
+    no update."""
+    monkeypatch.setattr("ministacks.rl.loop.reward_for", lambda domain: lambda prompt, reply, ex: float(len(reply) % 2 == 0))

@@ -98,13 +98,6 @@ def test_dpo_pairs_are_true_reply_against_another_prompts():
         assert scored.ids[row][scored.completion[row]].tolist() == p.chosen
 
 
-@pytest.fixture
-def varying_reward(monkeypatch):
-    """A reward that differs within a group (an even-length reply earns 1): the random tiny model never earns
-    math's, and a GRPO step whose groups' rewards are all equal makes no update."""
-    monkeypatch.setattr("ministacks.rl.loop.reward_for", lambda domain: lambda prompt, reply, ex: float(len(reply) % 2 == 0))
-
-
 @pytest.mark.parametrize("method", ["dpo", "grpo"])
 def test_a_blow_up_restores_the_last_good_stack_and_stops(method, varying_reward):
     model, tok, train, val = _tiny()

@@ -47,10 +47,7 @@ def test_train_rl_aligns_each_named_domain_before_the_next_starts(base, tmp_path
     assert not (tmp_path / "rl_in_progress").exists()
 
 
-def test_rl_run_aligns_the_last_trained_domain_only(base, capsys, monkeypatch):
-    # a reward that varies within a group (an even-length reply earns 1): the smoke model never earns math's, and
-    # GRPO makes no update where every group's rewards are equal
-    monkeypatch.setattr("ministacks.rl.loop.reward_for", lambda domain: lambda prompt, reply, ex: float(len(reply) % 2 == 0))
+def test_rl_run_aligns_the_last_trained_domain_only(base, capsys, varying_reward):
     tmp_path = base / "sft_only"  # a run folder inside the base's (`rl --run` finds the base beside it)
     run_continual(_preset(), base, tmp_path, progress=False)
     before = load_file(stack_paths(tmp_path, "math", 1)[0])
