@@ -5,7 +5,7 @@
 - `quick`: the demo. The default 4-layer, d=256 model at vocabulary 4096 (the CPU sweet spot,
   offline-resources "CPU speed"), a few minutes of pretraining on 2 cores.
 - `paper`: the closest mini replica of the paper we can afford on a laptop (about an hour for the whole
-  pipeline, README): a deeper, wider base, more data and about twice quick's steps.
+  pipeline, README): a deeper, wider base, more data and two to three times quick's steps.
 
 Each mechanism's config lives beside its mechanism (ModelConfig in lm/model.py, RouterConfig in
 routing/router.py, ...), because a mechanism never imports this file; `EvalConfig`, which belongs to
@@ -133,42 +133,54 @@ QUICK = Preset(
     # base (TinyLlama: 4.9%); the literal 4 x r16 would be 32% of it. LoRA baseline: rank 12, matched
     adapter=scaled_adapter(QUICK_MODEL),
     # The demo is held to 10 minutes on 2 cores from nothing cached, and the settings below are what that
-    # costs (measured in one run of every stage: report.md's stage times). About a sixth of the stages'
-    # time was validation: ~110 passes over each domain's validation set, which the round's guard and the
-    # forgetting matrix read; 32 examples (~6k tokens) per pass, paired across the runs compared.
-    pretrain=PretrainConfig(steps=144, eval_every=36, ckpt_every=36),
-    stack=StackTrainConfig(steps=32, batch_size=8, lr=1e-3, warmup_steps=6, eval_every=8, max_val_examples=32),
-    # 2 rounds and the control (the same 64 steps on one stack): round 2 against round 1 is the paper's
+    # costs, each measured in one run of every stage (report.md's stage times). At the settings before these
+    # (pretraining 144 steps, rounds of 32 steps validated on 32 examples, continual 20 steps, choice n = 100,
+    # RL 10 steps, PSN blocks 60 steps, harness 20 + 5) the demo took 755 s on the machine where it now takes
+    # 552 (9 min 12 s; README). A profile of the whole demo finds the time in backward and linear, not in
+    # Python (the one waste found, a walk over every adapter module on each change of the stacks' weights,
+    # is gone: stacks.layer.stacked_layers), so every stage trains or measures a little less. About a sixth
+    # of the stages' time is validation, which the round's guard and the forgetting matrix read, paired
+    # across the runs compared.
+    # Pretraining: 108 steps (~0.8 s each); its validation every 36 steps on 64 windows (16k tokens; the
+    # default 128 cost 3 s a pass)
+    pretrain=PretrainConfig(steps=108, eval_every=36, eval_batches=4, ckpt_every=36),
+    # Exp 1 and boosting's rounds: 28 steps, validated every 7 (4 checkpoints) on 24 examples (~4.5k tokens)
+    stack=StackTrainConfig(steps=28, batch_size=8, lr=1e-3, warmup_steps=6, eval_every=7, max_val_examples=24),
+    # 2 rounds and the control (the same 56 steps on one stack): round 2 against round 1 is the paper's
     # finding; the paper preset runs 3, where the stop rule has a round to stop
     boost=BoostConfig(max_rounds=2),
-    # 5 domains x 1 round x 20 steps, twice (with and without null-space) in the demo, sharing the first
+    # 5 domains x 1 round x 14 steps, twice (with and without null-space) in the demo, sharing the first
     # domain: every frozen stack is in the forward and backward pass of later training, so the continual
-    # runs are the longest stage
-    continual=ContinualConfig(rounds=1, steps=20, eval_every=10, ns_k=16, ns_examples=64),
+    # runs are the longest stage. A round is validated once, at its end (against the step-0 loss the guard
+    # compares it with)
+    continual=ContinualConfig(rounds=1, steps=14, eval_every=14, ns_k=16, ns_examples=64),
     # the oracle runs 32 passes (every combination of 5 domains, and the base) over the router's prompts.
     # 40 epochs: with ~110 training prompts, the paper's 8 epochs are ~60 steps, too few to leave the
     # undecided band (measured on an earlier demo run with ~160 prompts, top-1 and set match scored against
     # the domain labels: 0.57 / 0.00 after 8 epochs, 0.96 / 0.92 after 30, about as many steps as 40 here)
     router=RouterConfig(prompts_per_domain=16, mixed_per_kind=14, epochs=40),
-    # 100 checkable answers per domain: a 95% interval at most ±9.6 points wide (at 50%). HumanEval: the first
-    # 10 problems (pass@1's 95% interval at 0 of 10 is [0%, 27.8%]): with 30, the code blocks took 10-15 s per
-    # mode against 2-11 s for the other domains' (measured, of 179 s of evaluation). 3 generated answers per
-    # domain: the panel of what the answers look like; the exact check is the accuracy with an interval. The
-    # paper preset asks 200, 50 and all 164.
-    # The harness: 20 choice examples per domain and 5 GSM-Symbolic problems: at 50 and 10 it took 52 s of an
-    # 11.6-minute demo (measured). Its choice is eval's choice again, through the harness, so the numbers
-    # with intervals that matter are eval's; the demo runs the harness to show the path and the parity
-    eval=EvalConfig(n_loss=50, n_exact=100, n_choice=100, n_generate=3, max_new_tokens=96, n_panel_mixed=1, humaneval=10,
-                    harness=HarnessConfig(n_choice=20, n_gsm=5)),
-    # 10 steps of each: DPO's cost ~0.5 s a step, GRPO's ~4 s (3 prompts x 8 samples of up to 48 tokens,
-    # then two updates), measured on the demo's chat -> reasoning run when the groups were generated one by one;
-    # all three in one left-padded batch now (rl/samples.py), their sampling ~1.5x faster
-    rl=RLConfig(steps=10, prompts_per_step=3),
+    # 100 checkable answers per domain: a 95% interval at most ±9.6 points wide (at 50%). The choice on 64
+    # (±12 at 50%; it reads four candidates per example and is ~60% of the evaluation's time). HumanEval:
+    # the first 10 problems (pass@1's 95% interval at 0 of 10 is [0%, 27.8%]): with 30, the code blocks took
+    # 10-15 s per mode against 2-11 s for the other domains' (measured, of 179 s of evaluation). 3 generated
+    # answers per domain: the panel of what the answers look like; the exact check is the accuracy with an
+    # interval. The paper preset asks 200 exact, 100 choice, 5 generated and 20 HumanEval.
+    # The harness: 10 choice examples per domain and 3 GSM-Symbolic problems (at 20 and 5 it took 20 s). Its
+    # choice is eval's choice again, through the harness, so the numbers with intervals that matter are eval's;
+    # the demo runs the harness to show the path and the parity
+    eval=EvalConfig(n_loss=50, n_exact=100, n_choice=64, n_generate=3, max_new_tokens=96, n_panel_mixed=1, humaneval=10,
+                    harness=HarnessConfig(n_choice=10, n_gsm=3)),
+    # 5 steps of each, measured on 24 validation prompts or pairs before and after: the loop, its guard and its
+    # report, not a finding (GRPO's ~3 s a step is 3 prompts x 8 samples of up to 48 tokens, in one left-padded
+    # batch, then two updates; at 10 steps the stage took 64 s)
+    rl=RLConfig(steps=5, prompts_per_step=3, n_eval=24, eval_every=5),
+    # PSN v2's blocks: 24 steps each (at the default 60, the demo's PSN stage took 89 s, 40 of them the blocks)
+    psn=BlockConfig(steps=24, eval_every=8),
 )
 
 # The paper preset: a base 2.7x quick's (6 layers, d=384: one pretraining step of 16 x 256 tokens ~2.6 s on
-# 2 cores against quick's ~1.0 s; a stack step of 8 x 256 ~1.3 s against ~0.55 s), trained about twice as long
-# as quick at every stage, and sized to finish its whole pipeline (the demo's stages) in about an hour on 2
+# 2 cores against quick's ~1.0 s; a stack step of 8 x 256 ~1.3 s against ~0.55 s), trained two to three times as
+# long as quick at every stage, and sized to finish its whole pipeline (the demo's stages) in about an hour on 2
 # cores (measured: 63 min 19 s from no cached corpora, the stages in README). Its first settings (600
 # pretraining steps, 200-step rounds of 16 x 256, 2 x 120 continual steps per domain, evaluation at n = 200)
 # came to 4-5 hours by the same per-step costs, and were never run whole.

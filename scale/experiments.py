@@ -36,7 +36,7 @@ from pathlib import Path
 
 from ministacks.data import DataConfig
 from ministacks.io import atomic_write_json, read_json
-from ministacks.presets import QUICK, SMOKE, EvalConfig, Preset
+from ministacks.presets import QUICK, SMOKE, EvalConfig, HarnessConfig, Preset
 from ministacks.report.evaluation import eval_section
 from ministacks.report.findings import findings_section
 from ministacks.report.rl import rl_section
@@ -111,8 +111,10 @@ CPU = Experiment(
             continual=ContinualConfig(domains=("chat", "math", "medical"), rounds=1, steps=24, eval_every=8,
                                       ns_k=32, ns_examples=64),
             router=RouterConfig(prompts_per_domain=16, mixed_per_kind=14, epochs=40),
+            # `eval --harness` on the run: 20 choice examples per domain (four candidates each) and 5 GSM-Symbolic
+            # problems in each of base / ungated / routed, against the defaults' 100 and 20: a CPU-sized check
             eval=EvalConfig(n_loss=50, n_exact=30, n_choice=50, n_general=40, n_generate=2, max_new_tokens=64,
-                            n_panel_mixed=1, humaneval=8)),
+                            n_panel_mixed=1, humaneval=8, harness=HarnessConfig(n_choice=20, n_gsm=5))),
     ("compare", "continual", "route", "eval"), "tinyllama", 2048, compare_nullspace=True, gpu=False)
 
 # GRPO on real SmolLM2-135M-Instruct (NF4, CPU), on a task where its reward can be earned. Measured once each:

@@ -49,6 +49,16 @@ def test_inject_wraps_exactly_the_seven_projections_per_layer():
         inject_stacks(nn.Sequential(nn.Linear(2, 2)))
 
 
+def test_stacked_layers_are_every_stacked_linear_in_module_order():
+    """The walk skips the inside of a stacked layer (its adapters): the same layers, in the same order, as
+    a walk of every module, with frozen and active stacks on, and on a model wrapped inside another."""
+    model = _stacked()
+    add_stack(model, make_adapter("moe"))
+    for m in (model, nn.Sequential(nn.Linear(2, 2), model)):
+        every = [x for x in m.modules() if isinstance(x, StackedLinear)]
+        assert list(stacked_layers(m)) == every and len(every) == 7 * CFG.n_layer
+
+
 @pytest.mark.parametrize("kind", ["moe", "lora"])
 def test_adding_a_stack_is_bitwise_identity(kind):
     model = _model()

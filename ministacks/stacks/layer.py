@@ -294,7 +294,14 @@ def inject_stacks(model: nn.Module, target_modules: tuple[str, ...] = TARGET_MOD
 
 
 def stacked_layers(model: nn.Module) -> Iterator[StackedLinear]:
-    return (m for m in model.modules() if isinstance(m, StackedLinear))
+    """Every StackedLinear of `model`, in `modules()` order. The walk does not go inside one: a stacked layer
+    holds no other, and its adapters are most of a stacked model's modules (every call of stacks_on and
+    set_stacks walks the model, tens of thousands of times in a demo)."""
+    if isinstance(model, StackedLinear):
+        yield model
+        return
+    for child in model.children():
+        yield from stacked_layers(child)
 
 
 def add_stack(model: nn.Module, make_adapter: Callable[[int, int], nn.Module]) -> list[nn.Parameter]:
