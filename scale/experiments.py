@@ -7,7 +7,7 @@
     python -m scale.rl   --out runs/smollm2-rl    GRPO after SFT on SmolLM2-135M-Instruct (CPU): arithmetic
 
 Every script is ministacks' own pipeline: the folder's base is a pretrained model (OUT/base/pretrained.json,
-scale/model.py), and the stages are ministacks' compare, boost, train, route and eval, with their progress
+scale/model.py), and the stages are ministacks' compare, boost, train, route, eval and the harness, with their progress
 bars, checkpoints and resume (run the same command again after a kill), writing the same files the demo
 writes and a report.md whose findings table puts the paper's number beside ours (report/findings.py).
 `--tiny` runs the same code path on a tiny random base built in the folder (scale/tiny.py), in seconds:
@@ -20,7 +20,8 @@ The settings are the paper's (docs/brainstacks.md §3, §9) where the paper stat
   Exp 2   TinyLlama; chat -> code -> medical -> math, up to 3 rounds each; null-space n = 200, K = 32; the
           forgetting matrices without and with the projection
   Exp 3   Gemma 3 12B IT in NF4; 5 domains x 2 rounds of 500 steps at lr 1e-4; null-space n = 400, K = 64; the
-          meta-router; the evaluation (base / ungated / routed)
+          meta-router; the evaluation (base / ungated / routed), and Table 4's eight benchmarks through
+          lm-evaluation-harness (limit 200 each)
 What the paper leaves open is ministacks' default (presets.QUICK's router and evaluation settings).
 
 Data: the paper's data sets by hub id (scale/data.py). Where the hub cannot be reached they cannot be had, and
@@ -37,7 +38,7 @@ from pathlib import Path
 from ministacks.data import DataConfig
 from ministacks.io import atomic_write_json, read_json
 from ministacks.presets import QUICK, SMOKE, EvalConfig, HarnessConfig, Preset
-from ministacks.report.evaluation import eval_section
+from ministacks.report.evaluation import eval_section, harness_section
 from ministacks.report.findings import findings_section
 from ministacks.report.rl import rl_section
 from ministacks.report.report import boost_section, compare_section, forgetting_section, write_report
@@ -49,7 +50,7 @@ from ministacks.stages.common import writable_folder
 from ministacks.training.continual import ContinualConfig
 from ministacks.training.sft import BoostConfig, StackTrainConfig
 
-STAGES = ("compare", "boost", "continual", "route", "eval", "rl")
+STAGES = ("compare", "boost", "continual", "route", "eval", "harness", "rl")
 LITERAL = AdapterConfig()  # the paper's 4 experts x rank 16, top-2, rsLoRA; the LoRA baseline rank 64
 
 
@@ -90,10 +91,12 @@ EXP2 = Experiment(
     "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
     _paper_preset("exp2", 400, 2e-4, 512, ("chat", "code", "medical", "math"), 3, 32, 200, 2400), ("continual",),
     "tinyllama", 2048, compare_nullspace=True)
+_EXP3 = _paper_preset("exp3", 500, 1e-4, 512, ("chat", "code", "math", "medical", "reasoning"), 2, 64, 400, 2400)
 EXP3 = Experiment(
     "exp3", "Experiment 3: five domains, the meta-router and the evaluation (Gemma 3 12B IT)", "google/gemma-3-12b-it",
-    _paper_preset("exp3", 500, 1e-4, 512, ("chat", "code", "math", "medical", "reasoning"), 2, 64, 400, 2400),
-    ("continual", "route", "eval"), "gemma", 4096)
+    # the harness stage runs the paper's Table 4 too (eight benchmarks from the hub, limit 200 each, base and routed)
+    replace(_EXP3, eval=replace(_EXP3.eval, harness=HarnessConfig(table4=True))),
+    ("continual", "route", "eval", "harness"), "gemma", 4096)
 
 # SmolLM2-135M-Instruct on 2 CPU cores, about 40 minutes: Exp 1 at 32 steps, and a three-domain Exp 2 (one round
 # each, with and without null-space) with the router and the evaluation. The three are chat, math and medical
@@ -115,7 +118,7 @@ CPU = Experiment(
             # problems in each of base / ungated / routed, against the defaults' 100 and 20: a CPU-sized check
             eval=EvalConfig(n_loss=50, n_exact=30, n_choice=50, n_general=40, n_generate=2, max_new_tokens=64,
                             n_panel_mixed=1, humaneval=8, harness=HarnessConfig(n_choice=20, n_gsm=5))),
-    ("compare", "continual", "route", "eval"), "tinyllama", 2048, compare_nullspace=True, gpu=False)
+    ("compare", "continual", "route", "eval", "harness"), "tinyllama", 2048, compare_nullspace=True, gpu=False)
 
 # GRPO on real SmolLM2-135M-Instruct (NF4, CPU), on a task where its reward can be earned. Measured once each:
 # on the math domain as the CPU run has it (word problems and signed arithmetic, 16 SFT steps) SmolLM2 answered
@@ -173,6 +176,7 @@ def run_experiment(exp: Experiment, out: str | Path, base: str | None = None, ti
     from ministacks.stages.compare import run_compare
     from ministacks.stages.continual import run_continual, train_stage
     from ministacks.stages.evaluate import eval_stage
+    from ministacks.stages.harness_eval import harness_stage
     from ministacks.stages.rl import rl_summary
     from ministacks.stages.route import route_stage
 
@@ -212,6 +216,8 @@ def run_experiment(exp: Experiment, out: str | Path, base: str | None = None, ti
             timed(stage, route_stage, run, preset, progress=progress)
         elif stage == "eval":
             timed(stage, eval_stage, run, preset, progress=progress)
+        elif stage == "harness":  # lm-evaluation-harness on the run: local tasks, and Table 4 where the preset asks
+            timed(stage, harness_stage, run, preset)
         elif stage == "rl":  # SFT, then RL on each domain of continual.rl before it is frozen, in OUT/rl
             timed(stage, lambda: rl_summary(out / "rl", run_continual(preset, out, out / "rl", progress)))
         else:
@@ -224,7 +230,7 @@ def run_experiment(exp: Experiment, out: str | Path, base: str | None = None, ti
 
 def report_sections(exp: Experiment, summary: dict, results: dict, run: Path, out: Path) -> list[str]:
     """The demo's sections for the stages that ran, after what this run is and what data it read."""
-    c, b, f, r, e, rl = (results.get(s) for s in STAGES)
+    c, b, f, r, e, h, rl = (results.get(s) for s in STAGES)
     head = [f"Base `{summary['base']}` ({summary['base_params'] / 1e6:.1f}M parameters), loaded in "
             f"{exp.preset.quant.upper()}; stages: {', '.join(exp.stages)}; run folder `{out}`.", "",
             f"Data: {summary['data']}", ""]
@@ -241,6 +247,8 @@ def report_sections(exp: Experiment, summary: dict, results: dict, run: Path, ou
         sections.append(router_section(r, f"{run.relative_to(out)}/router.png" if run != out else "router.png"))
     if e is not None:
         sections.append(eval_section(e, f"{run.relative_to(out)}/eval.png" if run != out else "eval.png"))
+    if h is not None:
+        sections.append(harness_section(h, f"{run.relative_to(out)}/harness.png" if run != out else "harness.png"))
     if rl is not None:
         sections.append(rl_section(rl, "rl/rl.png"))
     rows = [f"| {name} | {s:.0f} |" for name, s in summary["seconds"].items()]

@@ -286,3 +286,23 @@ def test_a_null_space_run_shares_the_first_domain_bit_for_bit(base, tmp_path):
     other = replace(with_ns, continual=replace(with_ns.continual, ns_k=with_ns.continual.ns_k + 1))
     with pytest.raises(ValueError, match="cannot be shared"):
         run_continual(other, base, tmp_path / "other", progress=False, first_from=tmp_path / "no_nullspace")
+
+
+def test_the_subspace_analysis_is_computed_again_only_when_the_run_changed(base, tmp_path, monkeypatch):
+    """`train` on a finished run reuses forgetting.json's subspace analysis (a pass over every domain's examples
+    per domain) when the key of what it read (the stacks' content, the settings) is the same; otherwise it
+    computes it again."""
+    import ministacks.stages.continual as stage
+
+    calls = []
+    real = stage.subspace_analysis
+    monkeypatch.setattr(stage, "subspace_analysis", lambda *a, **k: calls.append(1) or real(*a, **k))
+    preset = _preset(["chat", "code"], steps=2)
+    first = stage.train_stage(preset, tmp_path, progress=False)
+    again = stage.train_stage(preset, tmp_path, progress=False)
+    assert len(calls) == 1 and again["analysis"] == first["analysis"] and again["analysis_key"] == first["analysis_key"]
+    # a forgetting.json whose analysis was made from something else: computed again, the same as the first
+    path = tmp_path / "forgetting.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "analysis_key": "another run"}))
+    third = stage.train_stage(preset, tmp_path, progress=False)
+    assert len(calls) == 2 and third["analysis"] == first["analysis"]

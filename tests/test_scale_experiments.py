@@ -34,8 +34,9 @@ def cpu_run(tmp_path_factory):
 
 def test_the_cpu_script_runs_every_stage_and_reports_each_finding_beside_the_papers(cpu_run):
     summary = json.loads((cpu_run / "experiment.json").read_text())
-    assert summary["stages"] == ["compare", "continual", "route", "eval"] and summary["base_params"] > 0
-    for name in ("compare.json", "forgetting.json", "nullspace/router.json", "nullspace/eval.json", "report.md"):
+    assert summary["stages"] == ["compare", "continual", "route", "eval", "harness"] and summary["base_params"] > 0
+    for name in ("compare.json", "forgetting.json", "nullspace/router.json", "nullspace/eval.json",
+                 "nullspace/harness.json", "report.md"):
         assert (cpu_run / name).is_file(), name
     forgetting = json.loads((cpu_run / "forgetting.json").read_text())
     assert forgetting["domains"] == ["chat", "math", "medical"] and set(forgetting["runs"]) == {
@@ -45,6 +46,7 @@ def test_the_cpu_script_runs_every_stage_and_reports_each_finding_beside_the_pap
             or line.startswith("| 5. ") or line.startswith("| 7. ")]
     assert len(rows) == 4 and not any("not measured" in r for r in rows)  # Exp 1, null-space, oracle, general text
     assert "| 3. " in report and "embedded corpora" in report  # boosting is not in this script; the data is named
+    assert "## Benchmarks through lm-evaluation-harness" in report and "| ministacks_choice_math | acc_mean |" in report
     # the stacks sit on the 4-bit projections of the Hugging Face model the folder names
     record = json.loads((cpu_run / "base" / "pretrained.json").read_text())
     assert record["source"] == str((cpu_run / "tiny_base").resolve())
@@ -74,7 +76,7 @@ def test_every_paper_script_runs_end_to_end_on_a_tiny_base(name, tmp_path):
     summary = json.loads((tmp_path / "experiment.json").read_text())
     assert summary["stages"] == list(exp.stages)
     expected = {"compare": "compare.json", "boost": "boost.json", "continual": "forgetting.json",
-                "route": "router.json", "eval": "eval.json", "rl": "rl/rl.json"}
+                "route": "router.json", "eval": "eval.json", "harness": "harness.json", "rl": "rl/rl.json"}
     for stage in exp.stages:
         assert (tmp_path / expected[stage]).is_file(), stage
     report = (tmp_path / "report.md").read_text()
@@ -94,6 +96,9 @@ def test_the_paper_configs_hold_the_papers_values():
     assert len(e3.continual.domains) == 5 and e3.continual.rounds == 2
     assert (e3.continual.ns_examples, e3.continual.ns_k, e3.stack.lr) == (400, 64, 1e-4)
     assert EXPERIMENTS["exp3"].base == "google/gemma-3-12b-it" and all(p.quant == "nf4" for p in (e1, e2, e3))
+    # Exp 3's harness stage runs the paper's Table 4 (eight benchmarks from the hub); no other script asks the hub
+    assert "harness" in EXPERIMENTS["exp3"].stages and e3.eval.harness.table4
+    assert not any(EXPERIMENTS[n].preset.eval.harness.table4 for n in EXPERIMENTS if n != "exp3")
 
 
 # -- the pretrained base behind ministacks' model interface ------------------------------------------

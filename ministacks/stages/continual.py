@@ -25,7 +25,7 @@ from ..report.paper import PAPER_FORGETTING
 from ..report.plots import plot_forgetting, plot_subspaces
 from ..run import load_run, prepared_base
 from ..stacks.store import load_all_stacks, load_stack, stack_paths
-from ..stacks.manifest import new_manifest, read_manifest, write_manifest
+from ..stacks.manifest import content_key, new_manifest, read_manifest, write_manifest
 from ..training.continual import check_domains, train_domains
 from ..training.nullspace import collect_deltas, top_directions
 from ..training.projection import orthogonality_by_projection, spectra_of, subspace_similarity
@@ -178,6 +178,8 @@ def train_stage(preset: Preset, out: str | Path, compare_nullspace: bool = False
     projection, in out/no_nullspace and out/nullspace), then forgetting.json / .png and subspaces.json / .png."""
     out = Path(out)
     cc = preset.continual
+    # read first: a single run writes its own forgetting.json into `out` (its matrix alone) as it finishes
+    previous = read_json(out / "forgetting.json") if (out / "forgetting.json").is_file() else {}
     if compare_nullspace:
         # the ablation: the same base, data and rounds, once without and once with the projection; each
         # stack gets the same seed in both runs (training/sft.py's stack_seed), so the difference of the
@@ -208,8 +210,14 @@ def train_stage(preset: Preset, out: str | Path, compare_nullspace: bool = False
     result["capacity"] = capacity  # per domain: protected directions as a share of d_out, mean over projections
     # per domain, per projection: {"protected", "d_out", "share", "asked", "k_per_domain", "capped"} (nullspace.py)
     result["capacity_by_projection"] = capacity_by_proj
-    # the figures analyse the run with the projection when there are two: it is the one route and eval use
-    result["analysis"] = subspace_analysis(preset, out, analysis_run)
+    # the figures analyse the run with the projection when there are two: it is the one route and eval use.
+    # Kept from the last call when that run's stacks and the settings it reads are the same (a pass over
+    # every domain's examples per domain: on a pretrained base, most of a finished stage's second call)
+    record = preset_record(preset)
+    key = content_key(analysis_run, read_manifest(analysis_run), record["continual"], record["data"], record["stack"])
+    reuse = previous.get("analysis_key") == key and "analysis" in previous
+    result["analysis"] = previous["analysis"] if reuse else subspace_analysis(preset, out, analysis_run)
+    result["analysis_key"] = key
     result["paper"] = PAPER_FORGETTING
     atomic_write_json(out / "forgetting.json", result)
     plot_forgetting(result["runs"], out / "forgetting.png")
