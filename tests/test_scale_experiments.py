@@ -199,6 +199,16 @@ def test_the_harness_runs_on_a_pretrained_run_and_its_choice_is_evals_choice(cpu
     assert compared == 9
 
 
+def test_table4_without_the_hub_says_so_and_keeps_the_local_tasks(cpu_run):
+    """The paper's Table 4 reads its eight benchmarks from the hub: offline, harness.json says why it did not run,
+    in words that name the hub and what to do, and the local tasks are measured all the same."""
+    from ministacks.stages.harness_eval import harness_stage
+
+    h = harness_stage(cpu_run / "nullspace", table4=True)
+    assert "table4" not in h and "hub" in h["table4_unavailable"] and "machine that reaches the hub" in h["table4_unavailable"]
+    assert h["results"]["ministacks_choice_chat"]["base"]["acc_mean"]["n"] > 0
+
+
 def test_rl_on_a_pretrained_run(cpu_run, capsys):
     """GRPO through the scale path: the run's last-trained domain (medical, the ICD codes' reward) on the Hugging
     Face base, with the same rl command (last in this file: it changes the run's last stack)."""
