@@ -243,12 +243,13 @@ def report_sections(exp: Experiment, summary: dict, results: dict, run: Path, ou
         sections.append(boost_section(b))
     if f is not None:
         sections.append(forgetting_section(f))
+    figures = f"{run.relative_to(out)}/" if run != out else ""  # the run's figures, from report.md in `out`
     if r is not None:
-        sections.append(router_section(r, f"{run.relative_to(out)}/router.png" if run != out else "router.png"))
+        sections.append(router_section(r, figures + "router.png"))
     if e is not None:
-        sections.append(eval_section(e, f"{run.relative_to(out)}/eval.png" if run != out else "eval.png"))
+        sections.append(eval_section(e, figures + "eval.png"))
     if h is not None:
-        sections.append(harness_section(h, f"{run.relative_to(out)}/harness.png" if run != out else "harness.png"))
+        sections.append(harness_section(h, figures + "harness.png"))
     if rl is not None:
         sections.append(rl_section(rl, "rl/rl.png"))
     rows = [f"| {name} | {s:.0f} |" for name, s in summary["seconds"].items()]

@@ -54,7 +54,8 @@ def test_stacked_layers_are_every_stacked_linear_in_module_order():
     a walk of every module, with frozen and active stacks on, and on a model wrapped inside another."""
     model = _stacked()
     add_stack(model, make_adapter("moe"))
-    for m in (model, nn.Sequential(nn.Linear(2, 2), model)):
+    # the model twice inside another: its layers once each, as modules() gives them
+    for m in (model, nn.Sequential(nn.Linear(2, 2), model), nn.Sequential(model, model)):
         every = [x for x in m.modules() if isinstance(x, StackedLinear)]
         assert list(stacked_layers(m)) == every and len(every) == 7 * CFG.n_layer
 

@@ -294,14 +294,23 @@ def inject_stacks(model: nn.Module, target_modules: tuple[str, ...] = TARGET_MOD
 
 
 def stacked_layers(model: nn.Module) -> Iterator[StackedLinear]:
-    """Every StackedLinear of `model`, in `modules()` order. The walk does not go inside one: a stacked layer
-    holds no other, and its adapters are most of a stacked model's modules (every call of stacks_on and
-    set_stacks walks the model, tens of thousands of times in a demo)."""
-    if isinstance(model, StackedLinear):
-        yield model
-        return
-    for child in model.children():
-        yield from stacked_layers(child)
+    """Every StackedLinear of `model`, in `modules()` order, each once (a module reachable twice is yielded
+    once, as `modules()` does). The walk does not go inside one: a stacked layer holds no other, and its
+    adapters are most of a stacked model's modules (every call of stacks_on and set_stacks walks the model,
+    tens of thousands of times in a demo)."""
+    seen: set[int] = set()
+
+    def walk(module: nn.Module) -> Iterator[StackedLinear]:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        if isinstance(module, StackedLinear):
+            yield module
+            return
+        for child in module.children():
+            yield from walk(child)
+
+    return walk(model)
 
 
 def add_stack(model: nn.Module, make_adapter: Callable[[int, int], nn.Module]) -> list[nn.Parameter]:
