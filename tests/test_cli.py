@@ -37,6 +37,21 @@ def test_compare_json_has_both_arms_on_the_4bit_base(demo_dir):
     assert 1.0 < c["moe"]["params"] / c["lora"]["params"] < 1.1
 
 
+def test_compare_at_a_length_of_its_own_keeps_the_presets_comparison(demo_dir, capsys):
+    before = (demo_dir / "compare.json").read_text()
+    assert main(["compare", "--preset", "smoke", "--out", str(demo_dir), "--steps", "16", "--no-progress"]) == 0
+    assert (demo_dir / "compare.json").read_text() == before
+    c = json.loads((demo_dir / "compare_16.json").read_text())
+    assert c["steps"] == 16 and (demo_dir / "compare_16.png").is_file()
+    # the paper's schedule: 8 checkpoints, evenly spaced, both arms on the same ones
+    for kind in ("moe", "lora"):
+        assert [s for s, _ in c[kind]["val_curve"]] == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+    out = capsys.readouterr().out
+    assert "16 steps: MoE-LoRA below LoRA at " in out and " of 8 checkpoints" in out
+    assert main(["compare", "--preset", "smoke", "--out", str(demo_dir), "--steps", "4", "--no-progress"]) == 2
+    assert "error: --steps 4: Exp 1 needs at least 8 steps" in capsys.readouterr().err
+
+
 def test_boost_json_records_rounds_and_the_stop_rule(demo_dir):
     b = json.loads((demo_dir / "boost.json").read_text())
     assert 1 <= len(b["rounds"]) <= 2  # the smoke preset allows 2 rounds

@@ -15,6 +15,7 @@ import torch
 from ministacks import io
 from ministacks.__main__ import build_parser, main
 from ministacks.inference.stacked import StackedRun, describe_weights, parse_weights
+from ministacks.presets import QUICK, literal
 
 
 # Every command's module imported now, before any test patches a stage: a module imported for the first time
@@ -249,3 +250,17 @@ def test_atomic_writes_name_the_target_on_failure(tmp_path):
             io.atomic_write_json(path, {})
         assert e.value.filename == str(path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_demo_literal_runs_the_literal_preset(tmp_path, monkeypatch):
+    seen = []
+
+    def stage(preset, out, progress=True):
+        seen.append(preset)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ministacks.stages.demo.stage_pretrain", stage)
+    for flags in ([], ["--literal"]):
+        assert main(["demo", "--preset", "quick", "--out", str(tmp_path / "run"), "--no-progress", *flags]) == 130
+    plain, lit = seen
+    assert plain.name == "quick" and lit == literal(QUICK)

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from ministacks.lm.model import Transformer
-from ministacks.presets import PAPER, QUICK, SMOKE
+from ministacks.presets import PAPER, QUICK, SMOKE, literal
 from ministacks.stacks.layer import AdapterConfig, add_stack, inject_stacks, make_adapter
 from ministacks.stacks.proportions import PAPER_STACK_SHARE, scaled_adapter, stack_params, stack_share
 
@@ -53,3 +53,15 @@ def test_the_rank_is_the_one_nearest_the_target_share():
 
 def test_the_smoke_preset_keeps_the_papers_literal_adapter():
     assert SMOKE.adapter == AdapterConfig() and (AdapterConfig().r, AdapterConfig().lora_r) == (16, 64)
+
+
+@pytest.mark.parametrize("preset", [QUICK, PAPER])
+def test_literal_is_the_preset_before_the_proportions_and_the_template(preset):
+    lit = literal(preset)
+    assert lit.adapter == AdapterConfig() and lit.adapter != preset.adapter
+    assert lit.pretrain.template_share == 0 < preset.pretrain.template_share
+    assert lit.name == f"{preset.name}-literal"
+    # nothing else differs: the two runs compare the two choices alone
+    assert replace(lit, name=preset.name, adapter=preset.adapter, pretrain=preset.pretrain) == preset
+    # smoke already is literal
+    assert literal(SMOKE) == replace(SMOKE, name="smoke-literal")

@@ -17,7 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..io import atomic_write_json, read_json
-from ..presets import Preset, get_preset
+from ..presets import Preset, get_preset, literal
 from ..report.findings import findings_section
 from ..report.evaluation import eval_section, harness_section
 from ..report.report import boost_section, compare_section, data_section, forgetting_section, pretrain_section, write_report
@@ -41,10 +41,15 @@ STAGE_TIMES = "stage_times.json"  # OUT/stage_times.json: every invocation's sec
 
 def add_args(p) -> None:
     add_preset_args(p, "runs/demo")
+    p.add_argument("--literal", action="store_true",
+                   help="the paper's literal 4 x r16 stacks on a base pretrained on raw text only: the preset as it was "
+                        "before it took the paper's proportions and a template-aware base (docs/brainstacks.md §9)")
 
 
 def main(args) -> int:
     preset, out, progress = get_preset(args.preset), writable_folder(args.out), not args.no_progress
+    if args.literal:
+        preset = literal(preset)
     t0 = time.time()
     times: dict[str, float] = {}  # wall seconds of each stage in this invocation (a finished one: ~0)
     # every invocation's seconds per stage, summed: what the stages cost however many runs they took
