@@ -112,13 +112,29 @@ def test_ctrl_c_during_an_atomic_write_leaves_no_temporary_file(tmp_path, monkey
     assert io.read_json(target) == {"step": 1}  # the good file is untouched
 
 
+# `python -m ministacks` whose pretraining waits a minute after its first checkpoint: the run is certainly in
+# its loop when the test's Ctrl-C comes. (Without the wait the smoke run's remaining steps take about a second,
+# and on a busy machine the test could wake after the run had finished.)
+_HELD_AFTER_A_CHECKPOINT = """
+import sys, time
+import ministacks.lm.pretrain as pretrain
+save = pretrain.save_checkpoint
+def held(*args, **kwargs):
+    save(*args, **kwargs)
+    time.sleep(60)
+pretrain.save_checkpoint = held
+from ministacks.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_a_real_sigint_stops_pretraining_with_one_line(tmp_path):
-    """`pretrain` in a subprocess; SIGINT once it has written a checkpoint."""
+    """`pretrain` in a subprocess; SIGINT once it has written a checkpoint, in the loop."""
     out = tmp_path / "run"
     env = {**os.environ, "MINISTACKS_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "ministacks", "pretrain", "--preset", "smoke", "--out", str(out),
-                             "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", _HELD_AFTER_A_CHECKPOINT, "pretrain", "--preset", "smoke", "--out",
+                             str(out), "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parents[1])
     try:
         deadline = time.time() + 50
         while not (out / "checkpoints").is_dir() and proc.poll() is None and time.time() < deadline:
