@@ -113,8 +113,8 @@ def test_ctrl_c_during_an_atomic_write_leaves_no_temporary_file(tmp_path, monkey
 
 
 # `python -m ministacks` whose pretraining waits a minute after its first checkpoint: the run is certainly in
-# its loop when the test's Ctrl-C comes. (Without the wait the smoke run's remaining steps take about a second,
-# and on a busy machine the test could wake after the run had finished.)
+# its loop when the test's Ctrl-C comes (the smoke run's remaining steps take about a second, which a busy
+# machine could spend before the test wakes), and a Ctrl-C that is not acted on fails by the timeout
 _HELD_AFTER_A_CHECKPOINT = """
 import sys, time
 import ministacks.lm.pretrain as pretrain
@@ -134,7 +134,10 @@ def test_a_real_sigint_stops_pretraining_with_one_line(tmp_path):
     env = {**os.environ, "MINISTACKS_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen([sys.executable, "-c", _HELD_AFTER_A_CHECKPOINT, "pretrain", "--preset", "smoke", "--out",
                              str(out), "--no-progress"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, cwd=Path(__file__).resolve().parents[1])
+                            text=True, cwd=Path(__file__).resolve().parents[1],
+                            # Ctrl-C's default action in the child: a shell without job control starts a
+                            # background job (a CI runner's, say) with SIGINT ignored, which its children inherit
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 50
         while not (out / "checkpoints").is_dir() and proc.poll() is None and time.time() < deadline:
