@@ -218,13 +218,17 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]
 
 
+def raw_text_base(preset: Preset) -> Preset:
+    """The preset with its base pretrained on raw text only: no Alpaca-formatted domain examples."""
+    return replace(preset, pretrain=replace(preset.pretrain, template_share=0.0))
+
+
 def literal(preset: Preset) -> Preset:
     """The preset as the miniature ran before it took the paper's proportions and a template-aware base:
     the paper's literal AdapterConfig() (4 experts x rank 16, the LoRA baseline rank 64) on a base pretrained
     on raw text only. `demo --literal` runs it, so the findings can be measured before and after both
     choices (docs/brainstacks.md §9)."""
-    return replace(preset, name=f"{preset.name}-literal", adapter=AdapterConfig(),
-                   pretrain=replace(preset.pretrain, template_share=0.0))
+    return replace(raw_text_base(preset), name=f"{preset.name}-literal", adapter=AdapterConfig())
 
 
 def with_vocab(preset: Preset, vocab_size: int) -> Preset:

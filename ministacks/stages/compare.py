@@ -35,8 +35,9 @@ HELP = "Experiment 1: MoE-LoRA vs the parameter-matched single LoRA"
 
 
 def at_length(preset: Preset, steps: int) -> Preset:
-    """The preset with Exp 1's rounds `steps` long, on the paper's schedule: a tenth of them warmup and
-    8 validation checkpoints (the paper: 400 steps, 40 warmup, every 50)."""
+    """The preset with Exp 1's rounds `steps` long, on the paper's schedule: a tenth of them warmup and a
+    validation every steps // 8 (8 checkpoints where 8 divides `steps`; the paper: 400 steps, 40 warmup,
+    every 50)."""
     if steps < 8:
         raise ValueError(f"--steps {steps}: Exp 1 needs at least 8 steps, one per checkpoint")
     return replace(preset, stack=replace(preset.stack, steps=steps, eval_every=steps // 8, warmup_steps=max(1, steps // 10)))

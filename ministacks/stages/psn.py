@@ -37,7 +37,7 @@ from ..io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, loa
 from ..lm.base import has_base, load_base, save_base
 from ..lm.model import Transformer
 from ..lm.tokenizer import Tokenizer
-from ..presets import Preset, with_vocab
+from ..presets import Preset, raw_text_base, with_vocab
 from ..report.paper import PAPER_PSN
 from ..psn.model import PSNModel, blocks_on
 from ..psn.train import block_directions, train_block, united_basis
@@ -136,7 +136,7 @@ V2 = Path("psn") / "v2"
 
 def general_preset(preset: Preset) -> Preset:
     """v2's base: the preset's pretraining on the general corpus alone (no Alpaca-formatted domain examples)."""
-    return replace(preset, pretrain=replace(preset.pretrain, template_share=0.0))
+    return raw_text_base(preset)
 
 
 def psn_v2(preset: Preset, out: str | Path, progress: bool = True, domains: tuple[str, ...] | None = None,
